@@ -1,0 +1,74 @@
+# minifast: one entry point for set-up, the course, the docs site and the tests.
+#   make course   run every notebook at full size and save its outputs
+#   make docs     make course, then build the static site into _docs/
+#   make test     clean/export checks, every notebook at quick size, pytest
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.minifast-installed
+
+.PHONY: setup data course docs test check-clean check-export nbtest pytest lab bench clean
+
+# --- set-up -----------------------------------------------------------------
+$(STAMP): pyproject.toml requirements/dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, on its own, so that nothing pulls a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fashion-MNIST from Debian where we are root on a system with apt; otherwise
+# minifast's loader finds or downloads it (see nbs/01_data.ipynb).
+data: $(STAMP)
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing dataset-fashion-mnist with apt-get"; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
+	fi
+	$(BIN)/python -c "from minifast.data import find_data_dir; print('data:', find_data_dir('fashion'))"
+
+# --- the course and the site --------------------------------------------------
+# Runs every notebook top to bottom in a fresh kernel and writes the outputs back.
+course: data
+	MINIFAST_SIZE=full $(BIN)/nbdev-test --n-workers 1 --timing --save --cell-timeout 0
+	$(BIN)/nbdev-clean
+
+docs: course
+	$(BIN)/python tools/build_docs.py
+
+lab: setup
+	$(BIN)/jupyter lab nbs/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+bench: data
+	$(BIN)/python bench/run.py
+
+# --- the tests ----------------------------------------------------------------
+check-clean: setup
+	@before=$$(git status --porcelain -- nbs); $(BIN)/nbdev-clean; after=$$(git status --porcelain -- nbs); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev-clean changed notebooks: run nbdev-clean and commit"; git status --short -- nbs; exit 1; fi
+	@echo "ok: notebooks are clean"
+
+check-export: setup
+	@before=$$(git status --porcelain -- minifast README.md; git diff -- minifast README.md | sha1sum); \
+	$(BIN)/nbdev-export; $(BIN)/python tools/make_readme.py; \
+	after=$$(git status --porcelain -- minifast README.md; git diff -- minifast README.md | sha1sum); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev-export or the README changed: notebooks and library disagree"; git status --short -- minifast README.md; exit 1; fi
+	@echo "ok: minifast/ and README.md agree with the notebooks"
+
+nbtest: data
+	MINIFAST_SIZE=quick $(BIN)/nbdev-test --n-workers 1 --timing
+
+pytest: data
+	$(BIN)/python -m pytest -q tests/
+
+test: check-clean check-export nbtest pytest
+	@echo "make test: all checks passed"
+
+clean:
+	rm -rf _docs _proc site .pytest_cache
