@@ -9,14 +9,14 @@ __all__ = ['DATASETS', 'FASHION_CLASSES', 'DataFileError', 'read_idx', 'write_id
            'find_data_dir', 'DownloadError', 'download_file', 'get_data_dir', 'load_dataset', 'load_fashion_mnist',
            'load_mnist', 'show_images', 'normalize', 'normalize_to_train', 'DataLoader', 'DataLoaders']
 
-# %% ../nbs/01_data.ipynb #8fc173fe
-import gzip, hashlib, os, struct, tempfile, urllib.error, urllib.request
+# %% ../nbs/01_data.ipynb #d39b8f69
+import gzip, hashlib, http.client, os, struct, tempfile, urllib.error, urllib.request, zlib
 from math import prod
 from pathlib import Path
 import torch
 import matplotlib.pyplot as plt
 
-# %% ../nbs/01_data.ipynb #00f0d615
+# %% ../nbs/01_data.ipynb #a651beb1
 class DataFileError(ValueError):
     "A data file is missing, truncated or not what its name says."
 
@@ -29,7 +29,7 @@ def read_idx(path) -> torch.Tensor:
     try:
         with opener(path, 'rb') as f: data = f.read()
     except FileNotFoundError: raise
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataFileError(f"{path}: cannot be read as {'gzip' if path.suffix == '.gz' else 'an idx file'} ({e})") from e
     if len(data) < 4:
         raise DataFileError(f"{path}: {len(data)} bytes is too short for an idx header (expected at least 4)")
@@ -47,7 +47,7 @@ def read_idx(path) -> torch.Tensor:
                             + (" (the file is truncated)" if got < expected else " (extra bytes at the end)"))
     return torch.frombuffer(bytearray(data[header:]), dtype=_IDX_TYPES[type_code]).reshape(dims)
 
-# %% ../nbs/01_data.ipynb #4735d839
+# %% ../nbs/01_data.ipynb #fb164201
 def write_idx(path, t: torch.Tensor):
     "Write a uint8 tensor as an idx file, gzipped if `path` ends in .gz (for tests and small fixtures)."
     path = Path(path)
@@ -56,7 +56,7 @@ def write_idx(path, t: torch.Tensor):
     with (gzip.open(path, 'wb') if path.suffix == '.gz' else open(path, 'wb')) as f: f.write(payload)
     return path
 
-# %% ../nbs/01_data.ipynb #fd612ac0
+# %% ../nbs/01_data.ipynb #3badecef
 DATASETS = {
     'fashion_mnist': dict(
         url='http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
@@ -100,7 +100,7 @@ def find_data_dir(name: str, path=None):
         if all((d/f).is_file() for f in files): return d
     return None
 
-# %% ../nbs/01_data.ipynb #035e0660
+# %% ../nbs/01_data.ipynb #c7531227
 class DownloadError(OSError):
     "A download failed or brought the wrong bytes; nothing was left in the destination."
 
@@ -119,15 +119,16 @@ def download_file(url: str, dest, sha256: str, timeout: float = 30.0, chunk_size
             raise DownloadError(f"{url}: connection ended after {n_bytes:,} of {int(expected_len):,} bytes")
         if digest.hexdigest() != sha256:
             raise DownloadError(f"{url}: sha256 mismatch, expected {sha256}, got {digest.hexdigest()}")
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a data file is not a secret
         os.replace(tmp_name, dest)
         return dest
     except DownloadError: raise
-    except (OSError, urllib.error.URLError, ValueError) as e:
+    except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
         raise DownloadError(f"{url}: download failed ({e})") from e
     finally:
         if os.path.exists(tmp_name): os.remove(tmp_name)
 
-# %% ../nbs/01_data.ipynb #0d78a719
+# %% ../nbs/01_data.ipynb #5eceb4a4
 def _missing_data_message(name, searched):
     ds = _dataset(name)
     lines = [f"No copy of {name} was found and it could not be downloaded.",
@@ -139,11 +140,12 @@ def _missing_data_message(name, searched):
 
 def get_data_dir(name: str, path=None, download: bool = True, timeout: float = 30.0) -> Path:
     "Find data set `name` (see `candidate_dirs`), downloading it into the cache if no copy exists."
-    found = find_data_dir(name, path)
-    if found is not None: return found
-    if path is not None:
+    if path is not None:  # an explicit path is a promise: do not silently use another copy
         missing = [f for f in _dataset(name)['sha256'] if not (Path(path)/f).is_file()]
-        raise FileNotFoundError(f"{path} is missing {name} files: {', '.join(missing)}")
+        if missing: raise FileNotFoundError(f"{path} is missing {name} files: {', '.join(missing)}")
+        return Path(path)
+    found = find_data_dir(name)
+    if found is not None: return found
     if not download: raise FileNotFoundError(_missing_data_message(name, candidate_dirs(name)))
     ds, dest = _dataset(name), cache_dir(name)
     try:
@@ -153,7 +155,7 @@ def get_data_dir(name: str, path=None, download: bool = True, timeout: float = 3
         raise FileNotFoundError(_missing_data_message(name, candidate_dirs(name)) + f"\n(download error: {e})") from e
     return dest
 
-# %% ../nbs/01_data.ipynb #42bcf436
+# %% ../nbs/01_data.ipynb #8fcd2ecb
 def load_dataset(name: str, path=None, n_valid: int = 10_000, download: bool = True):
     "`x_train, y_train, x_valid, y_valid` for `name`: the last `n_valid` training images are the validation set."
     folder = get_data_dir(name, path, download=download)
@@ -181,7 +183,7 @@ def load_mnist(path=None, n_valid: int = 10_000, download: bool = True):
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                    'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 
-# %% ../nbs/01_data.ipynb #6fb13e20
+# %% ../nbs/01_data.ipynb #bf884a0e
 def show_images(x: torch.Tensor, labels=None, n_cols: int = 8, class_names=None, figsize_per=1.2):
     "Plot images (flattened 784s, 28×28s or 1×28×28s) in a grid with optional labels; returns the figure."
     x = x.detach().cpu()
@@ -199,7 +201,7 @@ def show_images(x: torch.Tensor, labels=None, n_cols: int = 8, class_names=None,
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_data.ipynb #c19bd990
+# %% ../nbs/01_data.ipynb #76779fdc
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     "(x - mean) / std."
     return (x - mean) / std
@@ -209,7 +211,7 @@ def normalize_to_train(x_train: torch.Tensor, x_valid: torch.Tensor):
     mean, std = x_train.mean(), x_train.std()
     return normalize(x_train, mean, std), normalize(x_valid, mean, std)
 
-# %% ../nbs/01_data.ipynb #911e2cba
+# %% ../nbs/01_data.ipynb #e5bff866
 class DataLoader:
     "Batches of in-memory tensors `x, y`: one gather per batch, reshuffled each epoch if `shuffle`."
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
@@ -236,7 +238,7 @@ class DataLoader:
             idx = order[i*bs:(i+1)*bs]
             yield self.x[idx], self.y[idx]
 
-# %% ../nbs/01_data.ipynb #e494bfbb
+# %% ../nbs/01_data.ipynb #73d87efc
 class DataLoaders:
     "A training and a validation `DataLoader`, as `.train` and `.valid`."
     def __init__(self, train: DataLoader, valid: DataLoader): self.train, self.valid = train, valid
