@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.minifast-installed
 
-.PHONY: setup data course docs test check-clean check-export nbtest pytest lab bench clean
+.PHONY: setup data course docs test check-clean check-export nbtest pytest lab bench clean browser
 
 # --- set-up -----------------------------------------------------------------
 $(STAMP): pyproject.toml requirements/dev.txt
@@ -61,10 +61,18 @@ check-export: setup
 	if [ "$$before" != "$$after" ]; then echo "nbdev-export or the README changed: notebooks and library disagree"; git status --short -- minifast README.md; exit 1; fi
 	@echo "ok: minifast/ and README.md agree with the notebooks"
 
+# Runs a copy of nbs/ at quick size and saves the outputs there, so the committed notebooks stay
+# as they are and tests/test_site.py builds the site from these outputs without a second run.
+QUICK_NBS := _quick
 nbtest: data
-	MINIFAST_SIZE=quick $(BIN)/nbdev-test --n-workers 1 --timing
+	rm -rf $(QUICK_NBS) && cp -a nbs $(QUICK_NBS)
+	MINIFAST_SIZE=quick $(BIN)/nbdev-test $(QUICK_NBS) --n-workers 1 --timing --save
 
-pytest: data
+# Headless Chromium for tests/test_site.py (apt-get, only where it is missing).
+browser:
+	tools/install_browser.sh
+
+pytest: data browser
 	$(BIN)/python -m pytest -q tests/
 
 test: check-clean check-export nbtest pytest

@@ -176,9 +176,6 @@ def test_connection_dropped_mid_file(tmp_path, server, payload):
     assert f'{len(body) // 2:,} of {len(body):,} bytes' in str(err)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="download_file does not catch http.client.HTTPException (IncompleteRead from a chunked "
-                          "response cut short is not an OSError), so it escapes as a raw http.client error")
 def test_chunked_connection_dropped_mid_file(tmp_path, server, payload):
     url, body, _ = payload
     server.state.mode = 'chunked_drop'
@@ -190,9 +187,6 @@ def test_chunked_connection_dropped_mid_file(tmp_path, server, payload):
     finally: assert leftovers(dest.parent) == [], 'a failed download left files behind'
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="download_file does not catch http.client.HTTPException (BadStatusLine from a server "
-                          "that does not speak HTTP), so it escapes as a raw http.client error")
 def test_not_http_response(tmp_path, server, payload):
     url, body, _ = payload
     server.state.mode = 'garbage'
