@@ -8,7 +8,7 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
            'GroupNorm', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
 
-# %% ../nbs/07_batchnorm.ipynb #c3c37899
+# %% ../nbs/07_batchnorm.ipynb #d26e890f
 import math, time
 from functools import partial
 import torch
@@ -17,11 +17,11 @@ import matplotlib.pyplot as plt
 from .foundations import set_seed
 from .data import DataLoaders
 from .losses import accuracy, cross_entropy
-from .learner import Learner
+from .learner import Learner, NonFiniteLossError
 from .schedule import one_cycle
 from .hooks import BatchTransformXCallback, DeviceCallback, get_cnn_model, init_cnn, view_tfm
 
-# %% ../nbs/07_batchnorm.ipynb #757856d5
+# %% ../nbs/07_batchnorm.ipynb #774e9673
 def _check_input(layer, x, n_channels=None):
     "Raise a clear error unless `x` is 4D with `n_channels` channels."
     name = type(layer).__name__
@@ -31,7 +31,7 @@ def _check_input(layer, x, n_channels=None):
         raise ValueError(f"{name} was built for {n_channels} channels but got an input with {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
 
-# %% ../nbs/07_batchnorm.ipynb #755d01e6
+# %% ../nbs/07_batchnorm.ipynb #b8f3ceac
 class BatchNorm(nn.Module):
     "Batch normalisation over (batch, height, width) per channel; equal to `nn.BatchNorm2d`."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5):
@@ -59,7 +59,7 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #7c7df715
+# %% ../nbs/07_batchnorm.ipynb #1381b18b
 NFS = (8, 16, 32, 64, 64)
 GENERAL_RELU = dict(leak=0.1, sub=0.4, maxv=6)
 
@@ -78,7 +78,7 @@ def fit_cnn(model, data, batch_size: int, lr: float, n_epochs: int = 1, schedule
     learn.fit(n_epochs)
     return learn
 
-# %% ../nbs/07_batchnorm.ipynb #827d5e92
+# %% ../nbs/07_batchnorm.ipynb #fa180ef6
 class LayerNorm(nn.Module):
     "Normalises each item over (channels, height, width); equal to `F.layer_norm` over those dims, times `mult` plus `add`."
     def __init__(self, n_channels: int = None, eps: float = 1e-5):
@@ -93,7 +93,7 @@ class LayerNorm(nn.Module):
         scale = self.mult * torch.rsqrt(var + self.eps)
         return torch.addcmul(self.add - mean * scale, x, scale)
 
-# %% ../nbs/07_batchnorm.ipynb #75da3709
+# %% ../nbs/07_batchnorm.ipynb #a6e42f49
 class InstanceNorm(nn.Module):
     "Normalises each channel of each item over (height, width); equal to `F.instance_norm` with `mults`/`adds`."
     def __init__(self, n_channels: int, eps: float = 1e-5):
@@ -108,7 +108,7 @@ class InstanceNorm(nn.Module):
         scale = self.mults * torch.rsqrt(var + self.eps)
         return torch.addcmul(self.adds - mean * scale, x, scale)
 
-# %% ../nbs/07_batchnorm.ipynb #47716800
+# %% ../nbs/07_batchnorm.ipynb #e1bfc0ff
 class GroupNorm(nn.Module):
     "Normalises each group of `n_channels // n_groups` channels of each item; equal to `nn.GroupNorm`."
     def __init__(self, n_groups: int, n_channels: int, eps: float = 1e-5):
@@ -129,7 +129,7 @@ class GroupNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #8bc1daba
+# %% ../nbs/07_batchnorm.ipynb #99643119
 class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with debiased running statistics in training too, for tiny batches (lesson 10)."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
@@ -183,7 +183,7 @@ class RunningBatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #6b05ca93
+# %% ../nbs/07_batchnorm.ipynb #d905342d
 DEFAULT_NORMS = {
     'none': None,
     'nn.BatchNorm2d': nn.BatchNorm2d,
@@ -247,11 +247,15 @@ def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,)
             for name, norm in norms.items():
                 set_seed(seed)
                 start = time.perf_counter()
-                learn = fit_cnn(get_norm_cnn(norm), subset, batch_size=bs, lr=lr, n_epochs=n_epochs,
-                                schedule=schedule, printer=printer)
+                try:
+                    learn = fit_cnn(get_norm_cnn(norm), subset, batch_size=bs, lr=lr, n_epochs=n_epochs,
+                                    schedule=schedule, printer=printer)
+                except NonFiniteLossError:
+                    rows.append(dict(norm=name, batch_size=bs, lr=lr, valid_accuracy=math.nan, valid_loss=math.nan,
+                                     sec_per_epoch=math.nan, diverged=True))
+                    continue
                 seconds = (time.perf_counter() - start) / n_epochs
                 last = learn.metrics.history[-1]
-                diverged = any(math.isnan(h['train_loss']) for h in learn.metrics.history)
                 rows.append(dict(norm=name, batch_size=bs, lr=lr, valid_accuracy=last['valid_accuracy'],
-                                 valid_loss=last['valid_loss'], sec_per_epoch=seconds, diverged=diverged))
+                                 valid_loss=last['valid_loss'], sec_per_epoch=seconds, diverged=False))
     return NormComparison(rows)
