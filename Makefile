@@ -31,7 +31,7 @@ data: $(STAMP)
 	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
 	fi
-	$(BIN)/python -c "from minifast.data import find_data_dir; print('data:', find_data_dir('fashion'))"
+	$(BIN)/python -c "from minifast.data import find_data_dir; print('data:', find_data_dir('fashion_mnist'))"
 
 # --- the course and the site --------------------------------------------------
 # Runs every notebook top to bottom in a fresh kernel and writes the outputs back.
@@ -67,6 +67,7 @@ QUICK_NBS := _quick
 nbtest: data
 	rm -rf $(QUICK_NBS) && cp -a nbs $(QUICK_NBS)
 	MINIFAST_SIZE=quick $(BIN)/nbdev-test $(QUICK_NBS) --n-workers 1 --timing --save
+	touch $(QUICK_NBS)/.executed
 
 # Headless Chromium for tests/test_site.py (apt-get, only where it is missing).
 browser:
@@ -79,4 +80,4 @@ test: check-clean check-export nbtest pytest
 	@echo "make test: all checks passed"
 
 clean:
-	rm -rf _docs _proc site .pytest_cache
+	rm -rf _docs _proc _quick site .pytest_cache test-artifacts

@@ -9,14 +9,14 @@ __all__ = ['DATASETS', 'FASHION_CLASSES', 'DataFileError', 'read_idx', 'write_id
            'find_data_dir', 'DownloadError', 'download_file', 'get_data_dir', 'load_dataset', 'load_fashion_mnist',
            'load_mnist', 'show_images', 'normalize', 'normalize_to_train', 'DataLoader', 'DataLoaders']
 
-# %% ../nbs/01_data.ipynb #d39b8f69
+# %% ../nbs/01_data.ipynb #70c87813
 import gzip, hashlib, http.client, os, struct, tempfile, urllib.error, urllib.request, zlib
 from math import prod
 from pathlib import Path
 import torch
 import matplotlib.pyplot as plt
 
-# %% ../nbs/01_data.ipynb #a651beb1
+# %% ../nbs/01_data.ipynb #582e8a3f
 class DataFileError(ValueError):
     "A data file is missing, truncated or not what its name says."
 
@@ -47,7 +47,7 @@ def read_idx(path) -> torch.Tensor:
                             + (" (the file is truncated)" if got < expected else " (extra bytes at the end)"))
     return torch.frombuffer(bytearray(data[header:]), dtype=_IDX_TYPES[type_code]).reshape(dims)
 
-# %% ../nbs/01_data.ipynb #fb164201
+# %% ../nbs/01_data.ipynb #b9de2f1e
 def write_idx(path, t: torch.Tensor):
     "Write a uint8 tensor as an idx file, gzipped if `path` ends in .gz (for tests and small fixtures)."
     path = Path(path)
@@ -56,7 +56,7 @@ def write_idx(path, t: torch.Tensor):
     with (gzip.open(path, 'wb') if path.suffix == '.gz' else open(path, 'wb')) as f: f.write(payload)
     return path
 
-# %% ../nbs/01_data.ipynb #3badecef
+# %% ../nbs/01_data.ipynb #0ae06c25
 DATASETS = {
     'fashion_mnist': dict(
         url='http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
@@ -100,7 +100,7 @@ def find_data_dir(name: str, path=None):
         if all((d/f).is_file() for f in files): return d
     return None
 
-# %% ../nbs/01_data.ipynb #c7531227
+# %% ../nbs/01_data.ipynb #c085c122
 class DownloadError(OSError):
     "A download failed or brought the wrong bytes; nothing was left in the destination."
 
@@ -128,7 +128,7 @@ def download_file(url: str, dest, sha256: str, timeout: float = 30.0, chunk_size
     finally:
         if os.path.exists(tmp_name): os.remove(tmp_name)
 
-# %% ../nbs/01_data.ipynb #5eceb4a4
+# %% ../nbs/01_data.ipynb #cbe6e46c
 def _missing_data_message(name, searched):
     ds = _dataset(name)
     lines = [f"No copy of {name} was found and it could not be downloaded.",
@@ -155,7 +155,7 @@ def get_data_dir(name: str, path=None, download: bool = True, timeout: float = 3
         raise FileNotFoundError(_missing_data_message(name, candidate_dirs(name)) + f"\n(download error: {e})") from e
     return dest
 
-# %% ../nbs/01_data.ipynb #8fcd2ecb
+# %% ../nbs/01_data.ipynb #4905ff56
 def load_dataset(name: str, path=None, n_valid: int = 10_000, download: bool = True):
     "`x_train, y_train, x_valid, y_valid` for `name`: the last `n_valid` training images are the validation set."
     folder = get_data_dir(name, path, download=download)
@@ -183,7 +183,7 @@ def load_mnist(path=None, n_valid: int = 10_000, download: bool = True):
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                    'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 
-# %% ../nbs/01_data.ipynb #bf884a0e
+# %% ../nbs/01_data.ipynb #5159fb23
 def show_images(x: torch.Tensor, labels=None, n_cols: int = 8, class_names=None, figsize_per=1.2):
     "Plot images (flattened 784s, 28×28s or 1×28×28s) in a grid with optional labels; returns the figure."
     x = x.detach().cpu()
@@ -201,7 +201,7 @@ def show_images(x: torch.Tensor, labels=None, n_cols: int = 8, class_names=None,
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_data.ipynb #76779fdc
+# %% ../nbs/01_data.ipynb #50f9b8c4
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     "(x - mean) / std."
     return (x - mean) / std
@@ -211,7 +211,7 @@ def normalize_to_train(x_train: torch.Tensor, x_valid: torch.Tensor):
     mean, std = x_train.mean(), x_train.std()
     return normalize(x_train, mean, std), normalize(x_valid, mean, std)
 
-# %% ../nbs/01_data.ipynb #e5bff866
+# %% ../nbs/01_data.ipynb #d8f17fd7
 class DataLoader:
     "Batches of in-memory tensors `x, y`: one gather per batch, reshuffled each epoch if `shuffle`."
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
@@ -238,7 +238,7 @@ class DataLoader:
             idx = order[i*bs:(i+1)*bs]
             yield self.x[idx], self.y[idx]
 
-# %% ../nbs/01_data.ipynb #73d87efc
+# %% ../nbs/01_data.ipynb #98fdab8c
 class DataLoaders:
     "A training and a validation `DataLoader`, as `.train` and `.valid`."
     def __init__(self, train: DataLoader, valid: DataLoader): self.train, self.valid = train, valid

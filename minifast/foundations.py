@@ -8,11 +8,11 @@ Docs: https://minifast.github.io/minifast/foundations.html.md"""
 __all__ = ['COURSE_SIZES', 'course_size', 'by_size', 'set_seed', 'listify', 'camel2snake', 'variance', 'std', 'mean_abs_dev',
            'covariance', 'correlation']
 
-# %% ../nbs/00_foundations.ipynb #44568ef0
+# %% ../nbs/00_foundations.ipynb #587c0380
 import os, re, random
 import torch
 
-# %% ../nbs/00_foundations.ipynb #afbbedb0
+# %% ../nbs/00_foundations.ipynb #f86f786a
 COURSE_SIZES = ('quick', 'full')
 
 def course_size() -> str:
@@ -26,7 +26,7 @@ def by_size(quick, full):
     "Pick `quick` or `full` according to `course_size()`."
     return full if course_size() == 'full' else quick
 
-# %% ../nbs/00_foundations.ipynb #a8786442
+# %% ../nbs/00_foundations.ipynb #d6dba584
 def set_seed(seed: int):
     "Seed Python, NumPy (if installed) and PyTorch, so a run on the CPU repeats bit for bit."
     random.seed(seed)
@@ -36,7 +36,7 @@ def set_seed(seed: int):
         np.random.seed(seed)
     except ImportError: pass
 
-# %% ../nbs/00_foundations.ipynb #4bad3633
+# %% ../nbs/00_foundations.ipynb #495a5b95
 def listify(o) -> list:
     "`o` as a list: None gives [], a string or a single object gives [o], an iterable gives list(o)."
     if o is None: return []
@@ -45,7 +45,7 @@ def listify(o) -> list:
     try: return list(o)
     except TypeError: return [o]
 
-# %% ../nbs/00_foundations.ipynb #d800c4bf
+# %% ../nbs/00_foundations.ipynb #bdc9d704
 _camel_first = re.compile('(.)([A-Z][a-z]+)')
 _camel_rest = re.compile('([a-z0-9])([A-Z])')
 
@@ -53,7 +53,7 @@ def camel2snake(name: str) -> str:
     "'TrainEvalCallback' -> 'train_eval_callback'."
     return _camel_rest.sub(r'\1_\2', _camel_first.sub(r'\1_\2', name)).lower()
 
-# %% ../nbs/00_foundations.ipynb #6a2f044b
+# %% ../nbs/00_foundations.ipynb #6f0e4e50
 def variance(t: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
     "Population variance (divide by n), by the stable two-pass formula; over all elements or along `dim`."
     if dim is None: return ((t - t.mean())**2).mean()
@@ -63,12 +63,12 @@ def std(t: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
     "Population standard deviation: the square root of `variance`."
     return variance(t, dim, keepdim).sqrt()
 
-# %% ../nbs/00_foundations.ipynb #fb89e62d
+# %% ../nbs/00_foundations.ipynb #7e9e042a
 def mean_abs_dev(t: torch.Tensor) -> torch.Tensor:
     "Mean absolute deviation from the mean: E|X - E[X]|."
     return (t - t.mean()).abs().mean()
 
-# %% ../nbs/00_foundations.ipynb #544e0815
+# %% ../nbs/00_foundations.ipynb #13169445
 def covariance(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     "Population covariance of two equal-length tensors: E[(t - E t)(u - E u)]."
     if t.shape != u.shape: raise ValueError(f"covariance needs equal shapes, got {tuple(t.shape)} and {tuple(u.shape)}")

@@ -8,7 +8,7 @@ Docs: https://minifast.github.io/minifast/cuda_cnn_hooks_init.html.md"""
 __all__ = ['Lambda', 'flatten', 'view_tfm', 'BatchTransformXCallback', 'GeneralRelu', 'conv_layer', 'get_cnn_model',
            'default_device', 'DeviceCallback', 'HookRemovedError', 'Hook', 'Hooks', 'ActivationStats', 'init_cnn']
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #17478c30
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #cdd9c1bf
 import math, weakref
 from functools import partial
 import torch
@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from .foundations import listify
 from .learner import Callback
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #66a499a6
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #8409d159
 class Lambda(nn.Module):
     "A layer that applies `func`."
     def __init__(self, func):
@@ -42,7 +42,7 @@ class BatchTransformXCallback(Callback):
     def __init__(self, tfm): self.tfm = tfm
     def before_batch(self): self.learn.xb = self.tfm(self.learn.xb)
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #e4929e69
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #68ff6a27
 class GeneralRelu(nn.Module):
     "ReLU with an optional `leak` for negative inputs, a shift down by `sub`, and a clip at `maxv`."
     def __init__(self, leak: float = None, sub: float = None, maxv: float = None):
@@ -55,7 +55,7 @@ class GeneralRelu(nn.Module):
         return x
     def extra_repr(self): return f'leak={self.leak}, sub={self.sub}, maxv={self.maxv}'
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #4760d230
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #adf25806
 def conv_layer(n_in: int, n_out: int, ks: int = 3, stride: int = 2,
                norm=None, # a factory `norm(n_out)` for a normalisation layer, or None
                **act_kwargs): # `leak`, `sub`, `maxv` for `GeneralRelu`
@@ -71,7 +71,7 @@ def get_cnn_model(n_classes: int = 10, nfs=(8, 16, 32, 32), n_in: int = 1, layer
     convs = [layer(sizes[i], sizes[i + 1], 5 if i == 0 else 3, **kwargs) for i in range(len(nfs))]
     return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), Lambda(flatten), nn.Linear(sizes[-1], n_classes))
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #75959f34
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #fdb058e1
 def default_device() -> torch.device:
     "CUDA if available, else the CPU."
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -85,7 +85,7 @@ class DeviceCallback(Callback):
         learn = self.learn
         learn.xb, learn.yb = learn.xb.to(self.device, non_blocking=True), learn.yb.to(self.device, non_blocking=True)
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #241098b4
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #475369c5
 class HookRemovedError(RuntimeError):
     "A `Hook` was used after `remove()`."
 
@@ -130,7 +130,7 @@ class Hooks:
         "Remove every hook."
         for h in self.hooks: h.remove()
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #e137f7eb
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #3a5fcd48
 class ActivationStats(Callback):
     "Records each hooked layer's mean, std, `bins`-bin histogram and near-zero share per training batch, on device."
     _order = 15
@@ -188,7 +188,7 @@ class ActivationStats(Callback):
     @property
     def hists(self) -> torch.Tensor: "Histogram counts, layers × recorded batches × bins, on the CPU."; return self.stats[:, :self.n_recorded, 3:].cpu()
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #0fd1a5c4
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #10b6bbbb
 def _layer_axes(n_layers, size=(3., 2.5)):
     fig, axes = plt.subplots(1, n_layers, figsize=(size[0] * n_layers, size[1]), squeeze=False)
     return fig, axes[0]
@@ -228,7 +228,7 @@ def plot_near_zero(self: ActivationStats):
     ax.set_ylim(0, 1); ax.set_ylabel(f'share with |a| < {self.near_zero}'); ax.set_xlabel('recorded batch'); ax.legend(fontsize=8)
     return fig
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #26f7f23a
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #6149a42b
 def init_cnn(model: nn.Module, uniform: bool = False, leak: float = 0.) -> nn.Module:
     "Kaiming-initialise every `nn.Conv2d` of `model` (normal or uniform, `a=leak`) and zero its bias."
     init = nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_

@@ -8,7 +8,7 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 __all__ = ['EVENTS', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException', 'NonFiniteLossError', 'Callback',
            'Learner', 'TrainEvalCallback', 'MetricsCallback', 'progress_wanted', 'ProgressCallback']
 
-# %% ../nbs/03_learner.ipynb #5851865c
+# %% ../nbs/03_learner.ipynb #9ffd2f62
 import os, re, sys, tempfile
 from pathlib import Path
 from functools import partial
@@ -17,7 +17,7 @@ from torch import nn
 from fastprogress.fastprogress import master_bar, progress_bar
 from .foundations import camel2snake, listify
 
-# %% ../nbs/03_learner.ipynb #7d1cf617
+# %% ../nbs/03_learner.ipynb #2baea7b3
 class CancelTrainException(Exception): "Raise in a callback to stop the whole fit (then `after_cancel_train`, `after_fit`)."
 class CancelEpochException(Exception): "Raise in a callback to end the current training or validation pass."
 class CancelBatchException(Exception): "Raise in a callback to skip the rest of the current batch."
@@ -29,7 +29,7 @@ EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_los
           'after_step', 'after_batch', 'before_validate', 'after_epoch', 'after_fit',
           'after_cancel_batch', 'after_cancel_epoch', 'after_cancel_train')
 
-# %% ../nbs/03_learner.ipynb #7370c485
+# %% ../nbs/03_learner.ipynb #337e8d77
 class Callback:
     "Base class for callbacks: define methods named after `EVENTS`; unknown attributes read through to `self.learn`."
     _order = 0
@@ -51,7 +51,7 @@ class Callback:
         except AttributeError:
             raise AttributeError(f"{type(self).__name__} has no attribute {attr!r}, and neither has its learner") from None
 
-# %% ../nbs/03_learner.ipynb #35911a3f
+# %% ../nbs/03_learner.ipynb #d1e7f0e5
 def _event_handlers(cbs, event):
     "(callback, bound method) pairs handling `event`, in `_order`."
     return [(cb, getattr(cb, event)) for cb in sorted(cbs, key=lambda c: c._order)
@@ -110,7 +110,7 @@ class Learner:
                 raise
         return skip
 
-# %% ../nbs/03_learner.ipynb #ddc1d2eb
+# %% ../nbs/03_learner.ipynb #7297f386
 class Learner(Learner):
     def _one_batch(self, xb, yb):
         self.xb, self.yb = xb, yb
@@ -182,7 +182,7 @@ class Learner(Learner):
         finally: self.remove_cbs(cbs)
         return self
 
-# %% ../nbs/03_learner.ipynb #9f9ad3fd
+# %% ../nbs/03_learner.ipynb #5b524b24
 class TrainEvalCallback(Callback):
     "Puts the model in train or eval mode and counts `n_epochs_done` (a float) and `n_iter`."
     _order = -10
@@ -201,7 +201,7 @@ class TrainEvalCallback(Callback):
         self.learn.in_train = False
         self.learn.model.eval()
 
-# %% ../nbs/03_learner.ipynb #363528d6
+# %% ../nbs/03_learner.ipynb #19eff747
 class MetricsCallback(Callback):
     "Averages loss and `metrics` per training and validation pass on the device; one line per epoch."
     _order = 10
@@ -245,7 +245,7 @@ class MetricsCallback(Callback):
             fmt = lambda x: '-' if x is None else f'{x:.4f}'
             self.printer(f'{self.learn.epoch:5d} ' + ' '.join(f'{fmt(t)} {fmt(v)}' for t, v in zip(train, valid)))
 
-# %% ../nbs/03_learner.ipynb #67c8f9a4
+# %% ../nbs/03_learner.ipynb #38b56633
 def progress_wanted() -> bool:
     "Whether `Learner` adds a `ProgressCallback`: in notebooks and terminals, not under tests or in pipes."
     forced = os.environ.get('MINIFAST_PROGRESS')
@@ -274,7 +274,7 @@ class ProgressCallback(Callback):
         if getattr(self, 'pbar', None) is not None: self.pbar.on_iter_end()
         self.mbar.on_iter_end()
 
-# %% ../nbs/03_learner.ipynb #4a476bfa
+# %% ../nbs/03_learner.ipynb #642d73a3
 class Learner(Learner):
     def save(self, path):
         "Save the model (parameters and buffers) and the optimiser state to `path`, atomically."

@@ -8,16 +8,16 @@ Docs: https://minifast.github.io/minifast/losses.html.md"""
 __all__ = ['logistic', 'predict_class', 'predict_multi', 'binary_cross_entropy', 'bce_with_logits', 'multilabel_loss', 'accuracy',
            'accuracy_multi', 'logsumexp', 'log_softmax', 'cross_entropy']
 
-# %% ../nbs/02_losses.ipynb #d2359719
+# %% ../nbs/02_losses.ipynb #f69df816
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/02_losses.ipynb #82f3c229
+# %% ../nbs/02_losses.ipynb #413cd192
 def logistic(x: torch.Tensor) -> torch.Tensor:
     "The logistic (sigmoid) function 1/(1+exp(-x)), element by element: each logit becomes its own probability."
     return 1 / (1 + torch.exp(-x))
 
-# %% ../nbs/02_losses.ipynb #ad233163
+# %% ../nbs/02_losses.ipynb #96240dd0
 def predict_class(logits: torch.Tensor) -> torch.Tensor:
     "Single-label prediction: the index of the largest logit in each row."
     return logits.argmax(dim=-1)
@@ -28,7 +28,7 @@ def predict_multi(logits: torch.Tensor, # raw model outputs, one column per clas
     "Multi-label prediction: True for every class whose `logistic` probability is above `thresh`."
     return logistic(logits) > thresh
 
-# %% ../nbs/02_losses.ipynb #75008b5b
+# %% ../nbs/02_losses.ipynb #e79547f0
 def _check_same_shape(fn, outputs, targets):
     if outputs.shape != targets.shape:
         raise ValueError(f"{fn}: outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)} "
@@ -41,7 +41,7 @@ def binary_cross_entropy(probs: torch.Tensor,   # probabilities in [0, 1], e.g. 
     _check_same_shape('binary_cross_entropy', probs, targets)
     return -(targets * probs.log() + (1 - targets) * (1 - probs).log()).mean()
 
-# %% ../nbs/02_losses.ipynb #75105340
+# %% ../nbs/02_losses.ipynb #ffdcce23
 def bce_with_logits(logits: torch.Tensor,   # raw model outputs, any shape
                     targets: torch.Tensor,  # 0 or 1 (or soft labels in between), same shape as `logits`
                     reduction: str = 'mean' # 'mean', 'sum' or 'none', as in PyTorch
@@ -55,12 +55,12 @@ def bce_with_logits(logits: torch.Tensor,   # raw model outputs, any shape
     if reduction == 'none': return loss
     raise ValueError(f"bce_with_logits: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
-# %% ../nbs/02_losses.ipynb #e1375881
+# %% ../nbs/02_losses.ipynb #d42cc89f
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     "The multi-label loss: binary cross-entropy with logits, averaged over every (item, class) pair."
     return bce_with_logits(logits, targets, reduction='mean')
 
-# %% ../nbs/02_losses.ipynb #a90131ca
+# %% ../nbs/02_losses.ipynb #37926259
 def _check_class_targets(fn, logits, targets):
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"{fn}: outputs of shape {tuple(logits.shape)} and targets of shape {tuple(targets.shape)} do not fit; "
@@ -81,7 +81,7 @@ def accuracy_multi(outputs: torch.Tensor,  # logits, or probabilities when `sigm
     predicted = predict_multi(outputs, thresh) if sigmoid else outputs > thresh
     return (predicted == targets.bool()).float().mean()
 
-# %% ../nbs/02_losses.ipynb #32c77c5f
+# %% ../nbs/02_losses.ipynb #98cf3be7
 def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     "log(sum(exp(x))) along `dim`, shifted by the maximum so that nothing overflows."
     m = x.amax(dim=dim, keepdim=True)
@@ -93,7 +93,7 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     "The log of the softmax along `dim`: x - logsumexp(x), without overflow."
     return x - logsumexp(x, dim=dim, keepdim=True)
 
-# %% ../nbs/02_losses.ipynb #2902c5b1
+# %% ../nbs/02_losses.ipynb #85c2d213
 def _check_labels(fn, targets, n_classes):
     if targets.device.type != 'cpu' or targets.numel() == 0: return  # no host sync for a value check on a device
     lowest, highest = (int(v) for v in targets.aminmax())

@@ -7,13 +7,13 @@ Docs: https://minifast.github.io/minifast/lr_finder.html.md"""
 # %% auto #0
 __all__ = ['LRFinder', 'LRFindResult', 'suggest_lr', 'lr_find', 'EarlyStoppingCallback']
 
-# %% ../nbs/05_lr_finder.ipynb #4baa10aa
+# %% ../nbs/05_lr_finder.ipynb #5802fa0b
 import copy, math
 import torch
 import matplotlib.pyplot as plt
 from .learner import Callback, CancelTrainException, MetricsCallback
 
-# %% ../nbs/05_lr_finder.ipynb #abbd9174
+# %% ../nbs/05_lr_finder.ipynb #17e448ea
 class LRFinder(Callback):
     "Grows the lr exponentially from `min_lr` to `max_lr` over `max_iter` batches; stops when the loss diverges."
     _order = 1
@@ -31,20 +31,22 @@ class LRFinder(Callback):
         for group in learn.opt.param_groups: group['lr'] = lr
         self.lrs.append(lr)
 
-    def after_batch(self):
+    def after_loss(self):
         learn = self.learn
         if not learn.in_train: return
         loss = learn.loss.item()
         self.losses.append(loss)
         if not math.isfinite(loss) or loss > self.stop_factor * self.best_loss:
             self.stopped_early = True
-            raise CancelTrainException()
+            raise CancelTrainException()   # before the step: a NaN loss never reaches the weights
         self.best_loss = min(self.best_loss, loss)
-        if learn.n_iter + 1 >= self.max_iter: raise CancelTrainException()
+
+    def after_batch(self):
+        if self.learn.in_train and self.learn.n_iter >= self.max_iter: raise CancelTrainException()
 
     def before_validate(self): return True  # skip validation
 
-# %% ../nbs/05_lr_finder.ipynb #ee2a2de3
+# %% ../nbs/05_lr_finder.ipynb #70cc9144
 class LRFindResult:
     "The lrs and losses of an LR finder run, with the suggested lr and a plot."
     def __init__(self, lrs, losses, stopped_early):
@@ -94,7 +96,7 @@ def lr_find(learn, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 10
         learn.add_cbs(hidden)
     return LRFindResult(finder.lrs[:len(finder.losses)], finder.losses, finder.stopped_early)
 
-# %% ../nbs/05_lr_finder.ipynb #c6873316
+# %% ../nbs/05_lr_finder.ipynb #44991d35
 class EarlyStoppingCallback(Callback):
     "Stops the fit when `monitor` (a `MetricsCallback` history key) has not improved for `patience` epochs."
     _order = 30

@@ -8,7 +8,7 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
            'GroupNorm', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
 
-# %% ../nbs/07_batchnorm.ipynb #1f1a7653
+# %% ../nbs/07_batchnorm.ipynb #f8988e48
 import math, time
 from functools import partial
 import torch
@@ -21,7 +21,7 @@ from .learner import Learner, NonFiniteLossError
 from .schedule import one_cycle
 from .hooks import BatchTransformXCallback, DeviceCallback, get_cnn_model, init_cnn, view_tfm
 
-# %% ../nbs/07_batchnorm.ipynb #98cae8d1
+# %% ../nbs/07_batchnorm.ipynb #3d7860e2
 def _check_input(layer, x, n_channels=None):
     "Raise a clear error unless `x` is 4D with `n_channels` channels."
     name = type(layer).__name__
@@ -31,7 +31,7 @@ def _check_input(layer, x, n_channels=None):
         raise ValueError(f"{name} was built for {n_channels} channels but got an input with {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
 
-# %% ../nbs/07_batchnorm.ipynb #33661fca
+# %% ../nbs/07_batchnorm.ipynb #b2df6227
 class BatchNorm(nn.Module):
     "Batch normalisation over (batch, height, width) per channel; equal to `nn.BatchNorm2d`."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5):
@@ -59,7 +59,7 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #6be874a2
+# %% ../nbs/07_batchnorm.ipynb #952a8daf
 NFS = (8, 16, 32, 64, 64)
 GENERAL_RELU = dict(leak=0.1, sub=0.4, maxv=6)
 
@@ -78,7 +78,7 @@ def fit_cnn(model, data, batch_size: int, lr: float, n_epochs: int = 1, schedule
     learn.fit(n_epochs)
     return learn
 
-# %% ../nbs/07_batchnorm.ipynb #fe0f50ae
+# %% ../nbs/07_batchnorm.ipynb #c8f13f6f
 class LayerNorm(nn.Module):
     "Normalises each item over (channels, height, width); equal to `F.layer_norm` over those dims, times `mult` plus `add`."
     def __init__(self, n_channels: int = None, eps: float = 1e-5):
@@ -93,7 +93,7 @@ class LayerNorm(nn.Module):
         scale = self.mult * torch.rsqrt(var + self.eps)
         return torch.addcmul(self.add - mean * scale, x, scale)
 
-# %% ../nbs/07_batchnorm.ipynb #dfddd02c
+# %% ../nbs/07_batchnorm.ipynb #cfd6741b
 class InstanceNorm(nn.Module):
     "Normalises each channel of each item over (height, width); equal to `F.instance_norm` with `mults`/`adds`."
     def __init__(self, n_channels: int, eps: float = 1e-5):
@@ -108,7 +108,7 @@ class InstanceNorm(nn.Module):
         scale = self.mults * torch.rsqrt(var + self.eps)
         return torch.addcmul(self.adds - mean * scale, x, scale)
 
-# %% ../nbs/07_batchnorm.ipynb #ea20b5ad
+# %% ../nbs/07_batchnorm.ipynb #b85c2778
 class GroupNorm(nn.Module):
     "Normalises each group of `n_channels // n_groups` channels of each item; equal to `nn.GroupNorm`."
     def __init__(self, n_groups: int, n_channels: int, eps: float = 1e-5):
@@ -129,7 +129,7 @@ class GroupNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #3a952d4f
+# %% ../nbs/07_batchnorm.ipynb #92c076d2
 class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with debiased running statistics in training too, for tiny batches (lesson 10)."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
@@ -183,7 +183,7 @@ class RunningBatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #27969ee0
+# %% ../nbs/07_batchnorm.ipynb #69fad779
 DEFAULT_NORMS = {
     'none': None,
     'nn.BatchNorm2d': nn.BatchNorm2d,

@@ -8,7 +8,7 @@ Docs: https://minifast.github.io/minifast/schedule.html.md"""
 __all__ = ['annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'ParamScheduler', 'Recorder',
            'one_cycle']
 
-# %% ../nbs/04_schedule.ipynb #ae2124f2
+# %% ../nbs/04_schedule.ipynb #9dfd0cf1
 import math
 from bisect import bisect_right
 from functools import partial
@@ -17,11 +17,12 @@ import matplotlib.pyplot as plt
 from .foundations import listify
 from .learner import Callback
 
-# %% ../nbs/04_schedule.ipynb #bc1e2409
+# %% ../nbs/04_schedule.ipynb #4917990c
 def annealer(f):
     "Turn `f(start, end, pos)` into `f(start, end)` returning a function of `pos`."
     def make(start, end=None): return partial(f, start, end)
-    make.__name__, make.__doc__ = f.__name__, f.__doc__
+    make.__name__ = make.__qualname__ = f.__name__
+    make.__doc__, make.__module__ = f.__doc__, f.__module__
     return make
 
 @annealer
@@ -44,7 +45,7 @@ def sched_exp(start, end, pos):
     "Exponential from `start` to `end` (both > 0): linear on a log scale."
     return start * (end / start) ** pos
 
-# %% ../nbs/04_schedule.ipynb #dfe70680
+# %% ../nbs/04_schedule.ipynb #e5174d30
 def combine_scheds(pcts, scheds):
     "One schedule made of `scheds`, the i-th covering fraction `pcts[i]` of training (fractions sum to 1)."
     pcts, scheds = listify(pcts), listify(scheds)
@@ -59,7 +60,7 @@ def combine_scheds(pcts, scheds):
         return scheds[i]((pos - bounds[i]) / (bounds[i + 1] - bounds[i]))
     return combined
 
-# %% ../nbs/04_schedule.ipynb #924092a0
+# %% ../nbs/04_schedule.ipynb #a4fda569
 class ParamScheduler(Callback):
     "Sets `param_name` in each optimiser param group from `sched_funcs` (one, or one per group) before each training batch."
     _order = 1
@@ -81,7 +82,7 @@ class ParamScheduler(Callback):
         pos = learn.n_epochs_done / learn.n_epochs
         for group, f in self._pairs: group[self.param_name] = f(pos)
 
-# %% ../nbs/04_schedule.ipynb #81d5fe59
+# %% ../nbs/04_schedule.ipynb #669b6efe
 class Recorder(Callback):
     "Records each training batch's learning rates (per param group) and loss; `plot_lr` and `plot_loss` return figures."
     _order = 5
@@ -119,7 +120,7 @@ class Recorder(Callback):
         ax.plot(losses[:len(losses) - skip_last]); ax.set_xlabel('batch'); ax.set_ylabel('loss')
         return fig
 
-# %% ../nbs/04_schedule.ipynb #b55bc355
+# %% ../nbs/04_schedule.ipynb #b0040ca9
 def one_cycle(lr_max: float, pct_start: float = 0.3, div_start: float = 10., div_end: float = 1e3,
               moms=(0.95, 0.85, 0.95), param_name_mom: str = 'momentum'):
     "`ParamScheduler`s for a one-cycle fit: cosine lr warm-up to `lr_max` then down, momentum the other way."

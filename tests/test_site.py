@@ -1,0 +1,272 @@
+"""The docs site as a reader's browser sees it.
+
+The site is built (tools/build_docs.py) from the quick-size notebooks that `make nbtest` ran and
+saved in _quick/ (stamped _quick/.executed), so the notebooks are not run a second time; if that
+copy is missing, unstamped or no longer matches nbs/, this test runs them itself first. Each page
+is then opened in headless Chromium (Debian's `chromium` with its `chromedriver`, set up by
+tools/install_browser.sh) from a server on 127.0.0.1.
+
+Markers the later notebooks must keep, so that their pages can be checked:
+- 06: a heading containing "Activation statistics" (or "ActivationStats"), with at least two figures after it.
+- 07: an HTML table output with class "norm-comparison" (a header row and at least two rows).
+"""
+import functools, http.server, json, os, re, shutil, subprocess, sys, tempfile, threading, time
+import urllib.error, urllib.parse, urllib.request
+from pathlib import Path
+
+import pytest
+from nbdev.config import nbpath2html
+
+ROOT = Path(__file__).resolve().parent.parent
+NBS, QUICK_NBS = ROOT/'nbs', ROOT/'_quick'
+ARTIFACTS = ROOT/'test-artifacts'
+SITE = ARTIFACTS/'site'
+CHROMIUM, CHROMEDRIVER = shutil.which('chromium') or '/usr/bin/chromium', shutil.which('chromedriver') or '/usr/bin/chromedriver'
+IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/gif', 'image/webp')
+
+
+# --- the quick-size notebooks and the site built from them ------------------------------------
+def _cells(nb_path: Path) -> list:
+    return [(c['cell_type'], ''.join(c['source'])) for c in json.loads(nb_path.read_text(encoding='utf-8'))['cells']]
+
+
+def _stale(src: Path, copy: Path) -> bool:
+    "Whether the copy was not run to the end (no stamp) or its notebooks are not those of nbs/ now."
+    if not (copy/'.executed').exists(): return True
+    sources = sorted(src.glob('[!_.]*.ipynb'))
+    if {p.name for p in sources} != {p.name for p in copy.glob('[!_.]*.ipynb')}: return True
+    return any(_cells(p) != _cells(copy/p.name) for p in sources)
+
+
+def _run_quick_notebooks():
+    "What `make nbtest` does: copy nbs/ to _quick/ and run it there at quick size, saving outputs."
+    shutil.rmtree(QUICK_NBS, ignore_errors=True)
+    shutil.copytree(NBS, QUICK_NBS)
+    nbdev_test = Path(sys.executable).parent/'nbdev-test'
+    subprocess.run([str(nbdev_test), str(QUICK_NBS), '--n-workers', '1', '--save'], cwd=ROOT, check=True,
+                   env={**os.environ, 'MINIFAST_SIZE': 'quick'})
+    (QUICK_NBS/'.executed').touch()
+
+
+@pytest.fixture(scope='module')
+def notebooks():
+    "The executed quick-size notebooks, by page name ('index', 'data', ...), in course order."
+    if not QUICK_NBS.exists() or _stale(NBS, QUICK_NBS):
+        print('\n_quick/ is missing, not run to the end, or not what nbs/ holds now: running the notebooks at quick size first')
+        _run_quick_notebooks()
+    nbs = sorted(QUICK_NBS.glob('[!_.]*.ipynb'), key=lambda p: (p.name != 'index.ipynb', p.name))
+    return {nbpath2html(p).stem: p for p in nbs}
+
+
+@pytest.fixture(scope='module')
+def site(notebooks):
+    start = time.time()
+    subprocess.run([sys.executable, str(ROOT/'tools/build_docs.py'), '--nbs', str(QUICK_NBS), '--site', str(SITE)],
+                   cwd=ROOT, check=True)
+    print(f'site built in {time.time() - start:.1f}s')
+    return SITE
+
+
+@pytest.fixture(scope='module')
+def server(site):
+    "The site over HTTP on 127.0.0.1 (a free port), as `python -m http.server -d _docs` serves it."
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}/'
+    httpd.shutdown(); httpd.server_close()
+
+
+@pytest.fixture(scope='module')
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail('Chromium and chromedriver are needed: run tools/install_browser.sh (make test does)')
+    os.environ.setdefault('SE_AVOID_STATS', 'true')
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix='minifast-chromium-')
+    for arg in ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                '--disable-component-update', '--no-first-run', '--disable-quic', '--disable-sync',
+                f'--user-data-dir={profile}', '--window-size=1280,900', '--hide-scrollbars']:
+        options.add_argument(arg)
+    options.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    try: yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _shown(cell) -> bool:
+    "Whether nbdev's docs show this code cell's outputs (not `#| hide`, `#| export`, `#| output: false`...)."
+    src = ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
+    opts = ' '.join(re.findall(r'^#\|\s*(.*)$', src, re.M))
+    return not re.search(r'\b(hide|export|exporti|include:\s*false|output:\s*false)\b', opts)
+
+
+def output_images(nb_path: Path) -> int:
+    "How many raster images the notebook's saved outputs hold (in the cells the docs show)."
+    cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
+    return sum(1 for c in cells if c['cell_type'] == 'code' and _shown(c) for o in c.get('outputs', [])
+               for m in o.get('data', {}) if m in IMAGE_MIMES)
+
+
+def markdown_headings(nb_path: Path) -> list:
+    "The text of the headings in the notebook's markdown cells (those without math), as a page shows them."
+    cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
+    texts = [re.sub(r'```.*?```', '', ''.join(c['source']), flags=re.S) for c in cells if c['cell_type'] == 'markdown']
+    heads = [m[1].strip() for t in texts for l in t.splitlines() if (m := re.match(r'^#{1,6}\s+(.*)$', l)) and '$' not in l]
+    return [re.sub(r'`|\*\*', '', re.sub(r'\[([^\]]*)\]\([^)]*\)', r'\1', h)) for h in heads]
+
+
+def open_page(driver, url):
+    "Load `url`, let its scripts settle, and return the console errors it logged."
+    driver.get_log('browser')   # drop what the previous page left
+    driver.get(url)
+    for _ in range(50):
+        if driver.execute_script('return document.readyState') == 'complete': break
+        time.sleep(0.1)
+    time.sleep(0.5)             # the search worker and late scripts
+    return [e for e in driver.get_log('browser') if e['level'] == 'SEVERE']
+
+
+@functools.lru_cache(maxsize=None)
+def fetch(url):
+    "Status and text of `url` on the local server."
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r: return r.status, r.read().decode('utf-8', 'replace')
+    except urllib.error.HTTPError as e: return e.code, ''
+
+
+def has_anchor(page_html, fragment):
+    frag = re.escape(urllib.parse.unquote(fragment))
+    return re.search(rf'''\b(?:id|name)=["']?{frag}["'\s>]''', page_html) is not None
+
+
+def screenshot(driver, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS/name))
+
+
+# --- the checks -------------------------------------------------------------------------------
+def test_every_notebook_has_a_page(notebooks, site):
+    assert 'index' in notebooks or (site/'index.html').exists()
+    for name in notebooks: assert (site/f'{name}.html').exists(), f'no page for {notebooks[name].name}'
+    index = json.loads((site/'search/search_index.json').read_text())
+    indexed = {d['location'].split('#')[0] for d in index['docs']}
+    for name in notebooks: assert f'{name}.html' in indexed or (name == 'index' and '' in indexed), f'{name} is not in the search index'
+
+
+def test_nav_is_in_course_order(notebooks, server, browser):
+    assert not open_page(browser, server + 'index.html')
+    links = browser.execute_script(
+        "return [...document.querySelectorAll('nav.md-nav--primary > ul > li > a.md-nav__link')].map(a => a.getAttribute('href'))")
+    pages = [urllib.parse.urlsplit(h).path.rsplit('/', 1)[-1] or 'index.html' for h in links]
+    expected = [f'{name}.html' for name in _page_names(QUICK_NBS)]
+    assert [p for p in pages if p in expected] == expected
+    screenshot(browser, 'site-home.png')
+
+
+def _page_names(folder=NBS):
+    "Page names in course order: the home page, then one per notebook (read from nbs/ when collecting)."
+    nbs = sorted(folder.glob('[!_.]*.ipynb'), key=lambda p: (p.name != 'index.ipynb', p.name))
+    names = [nbpath2html(p).stem for p in nbs]
+    return names if 'index' in names else ['index'] + names   # build_docs stands in a home page
+
+
+@pytest.mark.parametrize('name', _page_names())
+def test_page(name, notebooks, server, browser):
+    "The page loads with no console errors, its internal links resolve and its figures decode."
+    names = _page_names(QUICK_NBS)
+    page_index = names.index(name)
+    url = server + f'{name}.html'
+    errors = open_page(browser, url)
+    assert not errors, f'{name}.html logged console errors: {errors}'
+    assert browser.execute_script("return document.querySelector('article h1') !== null"), f'{name}.html has no title'
+
+    # every image on the page is there and decodes; and each of the notebook's figures is on it
+    images = browser.execute_script(
+        "return [...document.images].map(i => [i.getAttribute('src').slice(0, 80), i.complete, i.naturalWidth])")
+    broken = [src for src, complete, width in images if not (complete and width > 0)]
+    assert not broken, f'{name}.html has images that do not load or decode: {broken}'
+    n_figures = browser.execute_script("return document.querySelectorAll('.jp-OutputArea-output img').length")
+    expected = output_images(notebooks[name]) if name in notebooks else 0
+    assert n_figures >= expected, f'{name}.html shows {n_figures} of the notebook\'s {expected} images'
+
+    # the prose is there: every heading the notebook's markdown has is a heading on the page
+    if name in notebooks:
+        page_headings = set(browser.execute_script(
+            "return [...document.querySelectorAll('article h1, article h2, article h3, article h4, article h5, article h6')]"
+            ".map(h => h.textContent.replace('¶', '').trim())"))
+        missing = [h for h in markdown_headings(notebooks[name]) if h not in page_headings]
+        assert not missing, f'{name}.html lacks these headings of {notebooks[name].name}: {missing}'
+
+    # every internal link resolves, fragments included
+    hrefs = browser.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
+    bad = []
+    for href in sorted(set(hrefs)):
+        parts = urllib.parse.urlsplit(href)
+        if not href.startswith(server): continue   # external: GitHub, other libraries' docs
+        target = urllib.parse.urlunsplit(parts._replace(fragment=''))
+        status, text = fetch(target)
+        if status != 200: bad.append(f'{href} ({status})')
+        elif parts.fragment and not has_anchor(text, parts.fragment): bad.append(f'{href} (no such anchor)')
+    assert not bad, f'{name}.html has broken internal links: {bad}'
+
+    # navigation: every page but the last links on to the next one in course order
+    if page_index + 1 < len(names):
+        nxt = browser.execute_script("const a = document.querySelector('a.md-footer__link--next'); return a && a.href")
+        assert nxt and nxt.split('#')[0].endswith(f'{names[page_index + 1]}.html'), f'{name}.html: next is {nxt}'
+    screenshot(browser, f'site-{name}.png')
+
+
+def _page_named(notebooks, prefix):
+    return next((name for name, p in notebooks.items() if p.name.startswith(prefix)), None)
+
+
+def test_activation_stats_page_shows_its_figures(notebooks, server, browser):
+    name = _page_named(notebooks, '06_')
+    if name is None: pytest.skip('no 06 notebook yet')
+    assert not open_page(browser, server + f'{name}.html')
+    n_after = browser.execute_script(r"""
+        const h = [...document.querySelectorAll('article h1, article h2, article h3')]
+                  .find(h => /activation\s*stat(istic)?s/i.test(h.textContent));
+        if (!h) return -1;
+        return [...document.querySelectorAll('.jp-OutputArea-output img')]
+               .filter(i => h.compareDocumentPosition(i) & Node.DOCUMENT_POSITION_FOLLOWING && i.naturalWidth > 0).length""")
+    assert n_after != -1, f'{name}.html has no heading "Activation statistics" or "ActivationStats"'
+    assert n_after >= 2, f'{name}.html shows {n_after} figures after "Activation statistics", expected at least 2'
+
+
+def test_norm_comparison_page_shows_its_table(notebooks, server, browser):
+    name = _page_named(notebooks, '07_')
+    if name is None: pytest.skip('no 07 notebook yet')
+    assert not open_page(browser, server + f'{name}.html')
+    table = browser.execute_script("""
+        const t = document.querySelector('table.norm-comparison');
+        if (!t) return null;
+        t.scrollIntoView({block: 'start'}); window.scrollBy(0, -80);   // the caption below the header bar
+        return {header: t.querySelectorAll('thead th, tr:first-child th').length,
+                rows: t.querySelectorAll('tbody tr').length, height: t.offsetHeight}""")
+    assert table is not None, f'{name}.html has no table.norm-comparison'
+    assert table['header'] > 0 and table['rows'] >= 2 and table['height'] > 0, f'{name}.html: the norm table looks empty: {table}'
+    time.sleep(0.2)
+    screenshot(browser, 'site-07.png')
+
+
+def test_search_finds_an_exported_symbol(server, browser):
+    assert not open_page(browser, server + 'index.html')
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    box = browser.find_element(By.CSS_SELECTOR, 'input.md-search__input')   # in the header at desktop width
+    box.click()
+    box.send_keys('course_size')
+    WebDriverWait(browser, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, '.md-search-result__item'))
+    results = browser.execute_script("return [...document.querySelectorAll('.md-search-result__item a')].map(a => a.href)")
+    assert any('foundations.html' in r for r in results), results

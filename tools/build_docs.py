@@ -1,0 +1,240 @@
+"""Build the docs site from executed notebooks: nbdev processes them, mkdocs renders them.
+
+    python tools/build_docs.py                        # nbs/ -> _docs/ (`make docs` runs `make course` first)
+    python tools/build_docs.py --nbs _quick --site test-artifacts/site   # what tests/test_site.py does
+
+The notebooks are not run here: their saved outputs (figures, tables, printed numbers) are the page.
+1. nbdev's own docs step, `nbdev.serve.proc_nbs` (what `nbdev_proc_nbs` and `nbdev_docs` run
+   before quarto), writes processed copies to _proc/: a `show_doc` cell, executed, after every
+   exported symbol (signature, docstring, docments), exported code and `#| hide` cells dropped,
+   the title cell turned into frontmatter, backticked names linked to their docs.
+2. `to_mkdocs` turns that quarto-flavoured notebook into one mkdocs-jupyter renders, as quarto
+   would show it: the `show_doc` outputs become markdown, the `#|` options (echo, output, include)
+   are applied and their lines removed, `$math$` becomes MathML (so no page loads MathJax from a
+   CDN), links to `NN_name.ipynb` or to the published site point at the pages, and the text after
+   the title in the title cell, which nbdev drops, is kept. Into _proc/docs/, one `name.ipynb` per
+   page (`name.html`, nbdev's page names).
+3. mkdocs (material theme, mkdocs-jupyter, search) renders _proc/docs/ with the repository's
+   mkdocs.yml plus a generated _proc/mkdocs.yml that holds the course-order nav.
+"""
+import argparse, html, json, os, re, shutil, subprocess, sys
+from pathlib import Path
+
+import yaml
+from latex2mathml.converter import convert as latex_to_mathml
+from nbdev.config import get_config, nbpath2html
+from nbdev.doclinks import NbdevLookup, nbglob
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # document this checkout's minifast, as nbdev-test tests it
+IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.gif', '.svg', '.webp'}
+
+
+# --- which notebooks, in which order -----------------------------------------------------------
+def course_notebooks(nbs: Path) -> list:
+    "The notebooks nbdev would document, home page (index.ipynb) first, the rest by file name."
+    found = sorted(nbglob(nbs, as_path=True), key=lambda p: p.name)
+    return sorted(found, key=lambda p: p.name != 'index.ipynb')
+
+
+def has_outputs(nb_path: Path) -> bool:
+    "Whether any code cell of the notebook holds a saved output (i.e. it has been run)."
+    cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
+    return any(c.get('outputs') for c in cells if c['cell_type'] == 'code')
+
+
+# --- step 1: nbdev ------------------------------------------------------------------------------
+def nbdev_process(nbs: Path) -> Path:
+    "Run nbdev's docs processors on every notebook in `nbs`; the processed copies land in _proc/."
+    from nbdev.serve import proc_nbs
+    return Path(proc_nbs(str(nbs), n_workers=0, force=True))
+
+
+# --- step 2: from quarto's notebook to mkdocs-jupyter's ----------------------------------------
+_directive = re.compile(r'^#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
+
+def split_directives(source: str):
+    "The leading `#| key: value` lines of a code cell as a dict, and the code without them."
+    lines, opts = source.splitlines(True), {}
+    while lines and _directive.match(lines[0]):
+        key, value = _directive.match(lines.pop(0)).groups()
+        opts[key] = value.strip('\'"')
+    return opts, ''.join(lines)
+
+
+def _text(x) -> str: return ''.join(x) if isinstance(x, list) else (x or '')
+
+
+def _attrs_to_html(attrs: str) -> str:
+    "Pandoc link attributes `{.cls #id key=\"v\"}` as HTML attributes."
+    out = [f'{k}="{html.escape(v)}"' for k, v in re.findall(r'([\w-]+)="([^"]*)"', attrs)]
+    classes = re.findall(r'(?:^|\s)\.([\w-]+)', attrs)
+    if classes: out.append(f'class="{" ".join(classes)}"')
+    return ' '.join(out)
+
+
+_attr_link = re.compile(r'\[([^\]]+)\]\(([^)\s]+)\)\{([^}]*)\}')
+_code_or_fence = re.compile(r'(```.*?```|`[^`\n]*`)', re.DOTALL)
+_display_math = re.compile(r'\$\$(.+?)\$\$', re.DOTALL)
+_inline_math = re.compile(r'(?<![\\$\w])\$(?!\s)([^$\n]+?)(?<![\s\\])\$(?![\w$])')
+
+
+def _mathml(latex: str, display: str) -> str:
+    "MathML for `latex`; `*` and `_` as entities so that markdown leaves them alone."
+    latex = re.sub(r'\\mathrm\{(\w)\}', r'\\text{\1}', latex.strip())   # latex2mathml sets a lone \mathrm letter in italics
+    try: m = latex_to_mathml(latex, display=display)
+    except Exception as e:
+        print(f'  warning: could not convert ${latex}$ to MathML ({e}); left as text', file=sys.stderr)
+        return html.escape(f'${latex}$')
+    return m.replace('*', '&#42;').replace('_', '&#95;')
+
+
+def relinker(site_url: str, pages: dict):
+    "A function that makes a link target relative if it is on the published site, and points `NN_x.ipynb` at its page."
+    def relink(target: str) -> str:
+        if site_url and target.startswith(site_url): return target[len(site_url):]
+        name, hash_, frag = target.removeprefix('./').partition('#')
+        return pages[name] + hash_ + frag if name in pages else target
+    return relink
+
+
+def convert_markdown(md: str, relink) -> str:
+    "Quarto link attributes to HTML, `$math$` to MathML, link targets through `relink`."
+    md = re.sub(r'(\]\()([^)\s]+)', lambda m: m[1] + relink(m[2]), md)
+    md = _attr_link.sub(lambda m: f'<a href="{html.escape(m[2])}" {_attrs_to_html(m[3])}>{m[1]}</a>', md)
+    parts = _code_or_fence.split(md)
+    for i in range(0, len(parts), 2):   # the even parts are outside code
+        p = _display_math.sub(lambda m: '\n\n' + _mathml(m[1], 'block') + '\n\n', parts[i])
+        parts[i] = _inline_math.sub(lambda m: _mathml(m[1], 'inline'), p)
+    return ''.join(parts)
+
+
+def _md_cell(source: str) -> dict: return dict(cell_type='markdown', metadata={}, source=source)
+
+
+_fm_line = re.compile(r'^(#\s+\S.*|>\s+\S.*|-\s+\S.*:.*\S)\s*$')
+
+def title_cell_rest(nb_path: Path) -> str:
+    "The text nbdev's frontmatter step drops: what the title cell holds besides `# title`, `> description`, `- key: value`."
+    for cell in json.loads(nb_path.read_text(encoding='utf-8'))['cells']:
+        src = _text(cell.get('source'))
+        if cell['cell_type'] == 'markdown' and re.search(r'^#\s+\S', src, re.M):
+            return '\n'.join(l for l in src.splitlines() if not _fm_line.match(l)).strip()
+    return ''
+
+
+def to_mkdocs(nb: dict, relink, intro: str = ''):
+    "The frontmatter and the mkdocs-jupyter notebook for an nbdev-processed notebook `nb`; `intro` follows the title."
+    cells, fm = [], {}
+    for cell in nb['cells']:
+        src = _text(cell.get('source'))
+        if cell['cell_type'] == 'raw' and src.startswith('---') and not fm:   # nbdev's frontmatter
+            fm = yaml.safe_load(src.strip().strip('-')) or {}
+            head = f"# {fm['title']}" if fm.get('title') else ''
+            if fm.get('description'): head += f"\n\n> {fm['description']}"
+            if head: cells.append(_md_cell(convert_markdown(head, relink)))
+            if intro: cells.append(_md_cell(convert_markdown(intro, relink)))
+            continue
+        if cell['cell_type'] == 'markdown':
+            if src.strip().startswith('<!-- WARNING: THIS FILE WAS AUTOGENERATED'): continue
+            cells.append(dict(cell, source=convert_markdown(src, relink)))
+            continue
+        if cell['cell_type'] != 'code':
+            cells.append(cell); continue
+        opts, code = split_directives(src)
+        opts = {k: v.lower() for k, v in opts.items() if k in ('include', 'echo', 'output')}
+        if opts.get('include') == 'false': continue
+        outputs = [] if opts.get('output') == 'false' else cell.get('outputs', [])
+        meta = {k: v for k, v in cell.get('metadata', {}).items() if k not in ('execution', 'language')}
+        if opts.get('echo') == 'false': meta['tags'] = meta.get('tags', []) + ['remove_input']
+        if opts.get('output') == 'asis':   # show_doc: its markdown output is the page text
+            if opts.get('echo') != 'false': cells.append(dict(cell, metadata=meta, source=code, outputs=[]))
+            for o in outputs:
+                md = _text(o.get('data', {}).get('text/markdown')) or _text(o.get('text'))
+                # a symbol's name is text, even `annealer.<locals>.make`
+                md = re.sub(r'^#+ .*$', lambda m: m[0].replace('<', '&lt;').replace('>', '&gt;'), md, flags=re.M)
+                if md.strip(): cells.append(_md_cell(convert_markdown(md, relink)))
+            continue
+        cells.append(dict(cell, metadata=meta, source=code, outputs=outputs))
+    return fm, dict(nb, cells=cells)
+
+
+def home_page(pages: list, cfg) -> str:
+    "A stand-in home page for a notebooks folder without index.ipynb."
+    items = '\n'.join(f'- [{title}]({name}.ipynb)' for name, title, _ in pages)
+    return f"# {cfg.get('title', 'minifast')}\n\n> {cfg.get('description', '')}\n\n{items}\n"
+
+
+# --- step 3: mkdocs -----------------------------------------------------------------------------
+def write_mkdocs_config(proc: Path, docs: Path, site: Path, nav: list) -> Path:
+    "_proc/mkdocs.yml: the repository's mkdocs.yml, plus this build's paths and course-order nav."
+    cfg = {'INHERIT': str(ROOT/'mkdocs.yml'), 'docs_dir': str(docs), 'site_dir': str(site),
+           # mkdocs.yml's relative paths would start at _proc/ here
+           'theme': {'custom_dir': str(ROOT/'tools/site_theme')}, 'hooks': [str(ROOT/'tools/mkdocs_hooks.py')],
+           'nav': [{title: fname} for title, fname in nav]}
+    path = proc/'mkdocs.yml'
+    path.write_text('# Written by tools/build_docs.py; edit mkdocs.yml instead.\n' + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def build(nbs: Path, site: Path, strict: bool = True) -> Path:
+    cfg = get_config(nbs)
+    notebooks = course_notebooks(nbs)
+    if not notebooks: sys.exit(f'build_docs: no notebooks in {nbs}')
+    unrun = [p.name for p in notebooks if not has_outputs(p)]
+    if unrun: print(f'build_docs: warning: no saved outputs in {", ".join(unrun)}: run `make course` (or nbdev-test --save) first', file=sys.stderr)
+
+    print(f'build_docs: nbdev processing {len(notebooks)} notebooks from {nbs}')
+    try: proc = nbdev_process(nbs)
+    except Exception as e:
+        sys.exit(f'build_docs: {e}\n\nnbdev runs the exported cells and every cell that imports something, to render '
+                 'show_doc; a cell that imports and also uses names from cells it does not run fails here (and in '
+                 'nbdev-docs). Keep imports in cells of their own.')
+    docs = proc/'docs'
+    shutil.rmtree(docs, ignore_errors=True); docs.mkdir(parents=True)
+    site_url = f"{cfg.get('doc_host', '')}{cfg.get('doc_baseurl', '')}".rstrip('/') + '/'
+    relink = relinker(site_url, {p.name: nbpath2html(p).name for p in notebooks})   # as quarto links .ipynb to .html
+
+    pages, kept = [], []   # pages: (page name, title, source notebook), in course order
+    for src in notebooks:
+        intro = title_cell_rest(src)
+        if intro: kept.append(src.name); intro = NbdevLookup().linkify(intro)   # as nbdev links the other cells
+        fm, page_nb = to_mkdocs(json.loads((proc/src.name).read_text(encoding='utf-8')), relink, intro)
+        name = Path(fm.get('output-file') or src.name).stem
+        if any(name == p[0] for p in pages): sys.exit(f'build_docs: {src.name} and another notebook both make {name}.html')
+        (docs/f'{name}.ipynb').write_text(json.dumps(page_nb, indent=1, ensure_ascii=False), encoding='utf-8')
+        pages.append((name, fm.get('title') or src.stem, src))
+    if kept: print(f"build_docs: kept the text that follows the title in {', '.join(kept)} (nbdev's own docs "
+                   "drop it; give it a markdown cell of its own)", file=sys.stderr)
+    for f in nbs.rglob('*'):   # pictures the notebooks' markdown shows, e.g. ![](images/x.png)
+        rel = f.relative_to(nbs)
+        if f.suffix.lower() in IMAGE_SUFFIXES and not any(p[0] in '_.' for p in rel.parts):
+            (docs/rel).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, docs/rel)
+    if not any(name == 'index' for name, *_ in pages):
+        print(f'build_docs: warning: no {cfg.get("readme_nb", "index.ipynb")} in {nbs}; writing a stand-in home page', file=sys.stderr)
+        (docs/'index.md').write_text(home_page(pages, cfg), encoding='utf-8')
+        nav = [('Home', 'index.md')]
+    else: nav = []
+    nav += [('Home' if name == 'index' else title, f'{name}.ipynb') for name, title, _ in pages]
+
+    config = write_mkdocs_config(proc, docs, site.resolve(), nav)
+    print(f'build_docs: mkdocs build -> {site}')
+    res = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--clean', '--quiet',
+                          *(['--strict'] if strict else []), '-f', str(config)], cwd=ROOT,
+                         env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
+    if res.returncode: sys.exit(f'build_docs: mkdocs build failed (exit {res.returncode})')
+    return site
+
+
+def main():
+    cfg = get_config(ROOT)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--nbs', type=Path, default=cfg.nbs_path, help='executed notebooks to build from (default: nbs/)')
+    ap.add_argument('--site', type=Path, default=cfg.doc_path, help='where the site goes (default: _docs/)')
+    ap.add_argument('--no-strict', action='store_true', help="don't turn mkdocs warnings into errors")
+    args = ap.parse_args()
+    site = build(args.nbs.resolve(), args.site, strict=not args.no_strict)
+    print(f'build_docs: done; serve it with: python -m http.server -d {site}')
+
+
+if __name__ == '__main__': main()
