@@ -8,16 +8,15 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 __all__ = ['EVENTS', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException', 'NonFiniteLossError', 'Callback',
            'Learner', 'TrainEvalCallback', 'MetricsCallback', 'progress_wanted', 'ProgressCallback']
 
-# %% ../nbs/03_learner.ipynb #9ffd2f62
+# %% ../nbs/03_learner.ipynb #86bad441
 import os, re, sys, tempfile
 from pathlib import Path
-from functools import partial
 import torch
 from torch import nn
 from fastprogress.fastprogress import master_bar, progress_bar
 from .foundations import camel2snake, listify
 
-# %% ../nbs/03_learner.ipynb #2baea7b3
+# %% ../nbs/03_learner.ipynb #20c620cc
 class CancelTrainException(Exception): "Raise in a callback to stop the whole fit (then `after_cancel_train`, `after_fit`)."
 class CancelEpochException(Exception): "Raise in a callback to end the current training or validation pass."
 class CancelBatchException(Exception): "Raise in a callback to skip the rest of the current batch."
@@ -29,7 +28,7 @@ EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_los
           'after_step', 'after_batch', 'before_validate', 'after_epoch', 'after_fit',
           'after_cancel_batch', 'after_cancel_epoch', 'after_cancel_train')
 
-# %% ../nbs/03_learner.ipynb #337e8d77
+# %% ../nbs/03_learner.ipynb #6dac2416
 class Callback:
     "Base class for callbacks: define methods named after `EVENTS`; unknown attributes read through to `self.learn`."
     _order = 0
@@ -51,7 +50,7 @@ class Callback:
         except AttributeError:
             raise AttributeError(f"{type(self).__name__} has no attribute {attr!r}, and neither has its learner") from None
 
-# %% ../nbs/03_learner.ipynb #d1e7f0e5
+# %% ../nbs/03_learner.ipynb #eea61904
 def _event_handlers(cbs, event):
     "(callback, bound method) pairs handling `event`, in `_order`."
     return [(cb, getattr(cb, event)) for cb in sorted(cbs, key=lambda c: c._order)
@@ -110,7 +109,7 @@ class Learner:
                 raise
         return skip
 
-# %% ../nbs/03_learner.ipynb #7297f386
+# %% ../nbs/03_learner.ipynb #9e1503d1
 class Learner(Learner):
     def _one_batch(self, xb, yb):
         self.xb, self.yb = xb, yb
@@ -182,7 +181,7 @@ class Learner(Learner):
         finally: self.remove_cbs(cbs)
         return self
 
-# %% ../nbs/03_learner.ipynb #5b524b24
+# %% ../nbs/03_learner.ipynb #2fbe68f0
 class TrainEvalCallback(Callback):
     "Puts the model in train or eval mode and counts `n_epochs_done` (a float) and `n_iter`."
     _order = -10
@@ -201,7 +200,7 @@ class TrainEvalCallback(Callback):
         self.learn.in_train = False
         self.learn.model.eval()
 
-# %% ../nbs/03_learner.ipynb #19eff747
+# %% ../nbs/03_learner.ipynb #dd9b57ae
 class MetricsCallback(Callback):
     "Averages loss and `metrics` per training and validation pass on the device; one line per epoch."
     _order = 10
@@ -245,7 +244,7 @@ class MetricsCallback(Callback):
             fmt = lambda x: '-' if x is None else f'{x:.4f}'
             self.printer(f'{self.learn.epoch:5d} ' + ' '.join(f'{fmt(t)} {fmt(v)}' for t, v in zip(train, valid)))
 
-# %% ../nbs/03_learner.ipynb #38b56633
+# %% ../nbs/03_learner.ipynb #1f340948
 def progress_wanted() -> bool:
     "Whether `Learner` adds a `ProgressCallback`: in notebooks and terminals, not under tests or in pipes."
     forced = os.environ.get('MINIFAST_PROGRESS')
@@ -258,23 +257,31 @@ def progress_wanted() -> bool:
     return sys.stdout is not None and sys.stdout.isatty()
 
 class ProgressCallback(Callback):
-    "A fastprogress bar over epochs and, inside it, one over the batches of each pass."
+    "A fastprogress bar over epochs and, inside it, one over the batches of each pass; `plot=True` adds a live loss plot."
     _order = 20
+    def __init__(self, plot: bool = False): self.plot = plot
     def before_fit(self):
         self.mbar = master_bar(range(self.learn.n_epochs))
         self.mbar.on_iter_begin()
+        self.mbar.update(0)
+        self.pbar = None
     def before_epoch(self): self._bar(self.learn.dls.train)
     def before_validate(self): self._bar(self.learn.dls.valid)
     def _bar(self, dl):
         self.pbar = progress_bar(range(len(dl)), parent=self.mbar, leave=False)
         self.pbar.update(0)
     def after_batch(self): self.pbar.update(self.learn.iter + 1)
-    def after_epoch(self): self.mbar.update(self.learn.epoch + 1)
+    def after_epoch(self):
+        self.mbar.update(self.learn.epoch + 1)
+        history = getattr(getattr(self.learn, 'metrics', None), 'history', None)
+        if self.plot and history:
+            epochs = list(range(1, len(history) + 1))
+            self.mbar.update_graph([[epochs, [h['train_loss'] for h in history]], [epochs, [h['valid_loss'] for h in history]]])
     def after_fit(self):
-        if getattr(self, 'pbar', None) is not None: self.pbar.on_iter_end()
+        if self.pbar is not None: self.pbar.on_iter_end()
         self.mbar.on_iter_end()
 
-# %% ../nbs/03_learner.ipynb #642d73a3
+# %% ../nbs/03_learner.ipynb #e379face
 class Learner(Learner):
     def save(self, path):
         "Save the model (parameters and buffers) and the optimiser state to `path`, atomically."
