@@ -8,7 +8,7 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 __all__ = ['EVENTS', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException', 'NonFiniteLossError', 'Callback',
            'Learner', 'TrainEvalCallback', 'MetricsCallback', 'progress_wanted', 'ProgressCallback']
 
-# %% ../nbs/03_learner.ipynb #86bad441
+# %% ../nbs/03_learner.ipynb #9de414b5
 import os, re, sys, tempfile
 from pathlib import Path
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 from fastprogress.fastprogress import master_bar, progress_bar
 from .foundations import camel2snake, listify
 
-# %% ../nbs/03_learner.ipynb #20c620cc
+# %% ../nbs/03_learner.ipynb #d80b907a
 class CancelTrainException(Exception): "Raise in a callback to stop the whole fit (then `after_cancel_train`, `after_fit`)."
 class CancelEpochException(Exception): "Raise in a callback to end the current training or validation pass."
 class CancelBatchException(Exception): "Raise in a callback to skip the rest of the current batch."
@@ -28,7 +28,7 @@ EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_los
           'after_step', 'after_batch', 'before_validate', 'after_epoch', 'after_fit',
           'after_cancel_batch', 'after_cancel_epoch', 'after_cancel_train')
 
-# %% ../nbs/03_learner.ipynb #6dac2416
+# %% ../nbs/03_learner.ipynb #d838e8fb
 class Callback:
     "Base class for callbacks: define methods named after `EVENTS`; unknown attributes read through to `self.learn`."
     _order = 0
@@ -50,7 +50,7 @@ class Callback:
         except AttributeError:
             raise AttributeError(f"{type(self).__name__} has no attribute {attr!r}, and neither has its learner") from None
 
-# %% ../nbs/03_learner.ipynb #eea61904
+# %% ../nbs/03_learner.ipynb #0bddb0a0
 def _event_handlers(cbs, event):
     "(callback, bound method) pairs handling `event`, in `_order`."
     return [(cb, getattr(cb, event)) for cb in sorted(cbs, key=lambda c: c._order)
@@ -109,7 +109,7 @@ class Learner:
                 raise
         return skip
 
-# %% ../nbs/03_learner.ipynb #9e1503d1
+# %% ../nbs/03_learner.ipynb #30323901
 class Learner(Learner):
     def _one_batch(self, xb, yb):
         self.xb, self.yb = xb, yb
@@ -155,9 +155,10 @@ class Learner(Learner):
             except Exception as e:
                 e.add_note(f"minifast: raised in {type(cb).__name__}.after_fit")
                 failures.append(e)
-        if error is not None:
-            for e in failures: error.add_note(f"minifast: also, {e!r} was raised in after_fit")
-        elif failures: raise failures[0]
+        first = error if error is not None else (failures[0] if failures else None)
+        for e in failures:
+            if e is not first: first.add_note(f"minifast: also, {e!r} was raised in after_fit")
+        if error is None and first is not None: raise first
 
     def fit(self, n_epochs: int, cbs=None):
         "Train for `n_epochs`, with extra callbacks `cbs` attached for this fit only."
@@ -181,7 +182,7 @@ class Learner(Learner):
         finally: self.remove_cbs(cbs)
         return self
 
-# %% ../nbs/03_learner.ipynb #2fbe68f0
+# %% ../nbs/03_learner.ipynb #9db1da6e
 class TrainEvalCallback(Callback):
     "Puts the model in train or eval mode and counts `n_epochs_done` (a float) and `n_iter`."
     _order = -10
@@ -200,10 +201,11 @@ class TrainEvalCallback(Callback):
         self.learn.in_train = False
         self.learn.model.eval()
 
-# %% ../nbs/03_learner.ipynb #dd9b57ae
+# %% ../nbs/03_learner.ipynb #8d81d425
 class MetricsCallback(Callback):
     "Averages loss and `metrics` per training and validation pass on the device; one line per epoch."
     _order = 10
+    _cancelled = False
     def __init__(self, metrics=None, printer=print):
         self.metrics, self.printer, self.history = listify(metrics), printer, []
 
@@ -222,7 +224,12 @@ class MetricsCallback(Callback):
         self._train_sums, self._train_count = self._sums, self._count
         self._reset()
 
-    def after_loss(self):
+    def before_batch(self): self._cancelled = False
+    def after_cancel_batch(self): self._cancelled = True
+
+    def after_batch(self):
+        "Add the batch's loss and metrics, weighted by its size, unless the batch was cancelled."
+        if self._cancelled: return
         learn = self.learn
         n = len(learn.yb)
         with torch.no_grad():
@@ -244,7 +251,7 @@ class MetricsCallback(Callback):
             fmt = lambda x: '-' if x is None else f'{x:.4f}'
             self.printer(f'{self.learn.epoch:5d} ' + ' '.join(f'{fmt(t)} {fmt(v)}' for t, v in zip(train, valid)))
 
-# %% ../nbs/03_learner.ipynb #1f340948
+# %% ../nbs/03_learner.ipynb #6c956536
 def progress_wanted() -> bool:
     "Whether `Learner` adds a `ProgressCallback`: in notebooks and terminals, not under tests or in pipes."
     forced = os.environ.get('MINIFAST_PROGRESS')
@@ -259,6 +266,7 @@ def progress_wanted() -> bool:
 class ProgressCallback(Callback):
     "A fastprogress bar over epochs and, inside it, one over the batches of each pass; `plot=True` adds a live loss plot."
     _order = 20
+    mbar = pbar = None
     def __init__(self, plot: bool = False): self.plot = plot
     def before_fit(self):
         self.mbar = master_bar(range(self.learn.n_epochs))
@@ -279,9 +287,10 @@ class ProgressCallback(Callback):
             self.mbar.update_graph([[epochs, [h['train_loss'] for h in history]], [epochs, [h['valid_loss'] for h in history]]])
     def after_fit(self):
         if self.pbar is not None: self.pbar.on_iter_end()
-        self.mbar.on_iter_end()
+        if self.mbar is not None: self.mbar.on_iter_end()
+        self.mbar = self.pbar = None
 
-# %% ../nbs/03_learner.ipynb #e379face
+# %% ../nbs/03_learner.ipynb #97f8f6c1
 class Learner(Learner):
     def save(self, path):
         "Save the model (parameters and buffers) and the optimiser state to `path`, atomically."
@@ -292,6 +301,7 @@ class Learner(Learner):
             with os.fdopen(fd, 'wb') as f:
                 torch.save({'model': self.model.state_dict(), 'opt': self.opt.state_dict()}, f)
                 f.flush(); os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)   # mkstemp makes it private; a checkpoint is an ordinary file
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp): os.remove(tmp)

@@ -8,7 +8,7 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
            'GroupNorm', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
 
-# %% ../nbs/07_batchnorm.ipynb #f8988e48
+# %% ../nbs/07_batchnorm.ipynb #4e54c5ed
 import math, time
 from functools import partial
 import torch
@@ -21,7 +21,11 @@ from .learner import Learner, NonFiniteLossError
 from .schedule import one_cycle
 from .hooks import BatchTransformXCallback, DeviceCallback, get_cnn_model, init_cnn, view_tfm
 
-# %% ../nbs/07_batchnorm.ipynb #3d7860e2
+# %% ../nbs/07_batchnorm.ipynb #3ed7989d
+def _stats_input(x):
+    "`x` in float32 if it is half precision, so that sums and squares cannot overflow."
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
 def _check_input(layer, x, n_channels=None):
     "Raise a clear error unless `x` is 4D with `n_channels` channels."
     name = type(layer).__name__
@@ -31,7 +35,7 @@ def _check_input(layer, x, n_channels=None):
         raise ValueError(f"{name} was built for {n_channels} channels but got an input with {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
 
-# %% ../nbs/07_batchnorm.ipynb #b2df6227
+# %% ../nbs/07_batchnorm.ipynb #3b178abb
 class BatchNorm(nn.Module):
     "Batch normalisation over (batch, height, width) per channel; equal to `nn.BatchNorm2d`."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5):
@@ -48,7 +52,7 @@ class BatchNorm(nn.Module):
             n = x.numel() // self.n_channels
             if n < 2: raise ValueError(f"BatchNorm: expected more than 1 value per channel when training, "
                                        f"got input of shape {tuple(x.shape)}")
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(_stats_input(x), dim=(0, 2, 3), correction=0)
             with torch.no_grad():
                 self.means.lerp_(mean.detach().to(self.means.dtype), self.mom)
                 self.vars.lerp_((var.detach() * (n / (n - 1))).to(self.vars.dtype), self.mom)
@@ -59,7 +63,7 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #952a8daf
+# %% ../nbs/07_batchnorm.ipynb #6da8ee1d
 NFS = (8, 16, 32, 64, 64)
 GENERAL_RELU = dict(leak=0.1, sub=0.4, maxv=6)
 
@@ -78,7 +82,7 @@ def fit_cnn(model, data, batch_size: int, lr: float, n_epochs: int = 1, schedule
     learn.fit(n_epochs)
     return learn
 
-# %% ../nbs/07_batchnorm.ipynb #c8f13f6f
+# %% ../nbs/07_batchnorm.ipynb #55da6f3e
 class LayerNorm(nn.Module):
     "Normalises each item over (channels, height, width); equal to `F.layer_norm` over those dims, times `mult` plus `add`."
     def __init__(self, n_channels: int = None, eps: float = 1e-5):
@@ -89,11 +93,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
-        var, mean = torch.var_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)
+        var, mean = torch.var_mean(_stats_input(x), dim=(1, 2, 3), keepdim=True, correction=0)
         scale = self.mult * torch.rsqrt(var + self.eps)
-        return torch.addcmul(self.add - mean * scale, x, scale)
+        return torch.addcmul((self.add - mean * scale).to(x.dtype), x, scale.to(x.dtype))
 
-# %% ../nbs/07_batchnorm.ipynb #cfd6741b
+# %% ../nbs/07_batchnorm.ipynb #f176403b
 class InstanceNorm(nn.Module):
     "Normalises each channel of each item over (height, width); equal to `F.instance_norm` with `mults`/`adds`."
     def __init__(self, n_channels: int, eps: float = 1e-5):
@@ -104,11 +108,11 @@ class InstanceNorm(nn.Module):
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
-        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        var, mean = torch.var_mean(_stats_input(x), dim=(2, 3), keepdim=True, correction=0)
         scale = self.mults * torch.rsqrt(var + self.eps)
-        return torch.addcmul(self.adds - mean * scale, x, scale)
+        return torch.addcmul((self.adds - mean * scale).to(x.dtype), x, scale.to(x.dtype))
 
-# %% ../nbs/07_batchnorm.ipynb #b85c2778
+# %% ../nbs/07_batchnorm.ipynb #c1a7e844
 class GroupNorm(nn.Module):
     "Normalises each group of `n_channels // n_groups` channels of each item; equal to `nn.GroupNorm`."
     def __init__(self, n_groups: int, n_channels: int, eps: float = 1e-5):
@@ -122,14 +126,14 @@ class GroupNorm(nn.Module):
     def forward(self, x):
         _check_input(self, x, self.n_channels)
         n, c, h, w = x.shape
-        grouped = x.view(n, self.n_groups, -1)
+        grouped = _stats_input(x).view(n, self.n_groups, -1)
         var, mean = torch.var_mean(grouped, dim=-1, keepdim=True, correction=0)
         normalised = ((grouped - mean) * torch.rsqrt(var + self.eps)).view(n, c, h, w)
-        return torch.addcmul(self.adds, normalised, self.mults)
+        return torch.addcmul(self.adds, normalised, self.mults).to(x.dtype)
 
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #92c076d2
+# %% ../nbs/07_batchnorm.ipynb #ab105304
 class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with debiased running statistics in training too, for tiny batches (lesson 10)."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
@@ -153,6 +157,7 @@ class RunningBatchNorm(nn.Module):
     def update_stats(self, x):
         "Fold the batch `x` into the running sums, squares and count (steps 1 and 2)."
         batch_size = x.shape[0]
+        x = _stats_input(x)
         self.sums.detach_(); self.sqrs.detach_()   # keep the gradient of this batch only
         dims = (0, 2, 3)
         batch_sums = x.sum(dims).view(-1, 1, 1)
@@ -183,7 +188,7 @@ class RunningBatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #69fad779
+# %% ../nbs/07_batchnorm.ipynb #867050fb
 DEFAULT_NORMS = {
     'none': None,
     'nn.BatchNorm2d': nn.BatchNorm2d,
