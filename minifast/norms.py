@@ -8,7 +8,7 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
            'GroupNorm', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
 
-# %% ../nbs/07_batchnorm.ipynb #4e54c5ed
+# %% ../nbs/07_batchnorm.ipynb #284d4df6
 import math, time
 from functools import partial
 import torch
@@ -21,7 +21,7 @@ from .learner import Learner, NonFiniteLossError
 from .schedule import one_cycle
 from .hooks import BatchTransformXCallback, DeviceCallback, get_cnn_model, init_cnn, view_tfm
 
-# %% ../nbs/07_batchnorm.ipynb #3ed7989d
+# %% ../nbs/07_batchnorm.ipynb #988f64bc
 def _stats_input(x):
     "`x` in float32 if it is half precision, so that sums and squares cannot overflow."
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -35,7 +35,7 @@ def _check_input(layer, x, n_channels=None):
         raise ValueError(f"{name} was built for {n_channels} channels but got an input with {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
 
-# %% ../nbs/07_batchnorm.ipynb #3b178abb
+# %% ../nbs/07_batchnorm.ipynb #bfbec034
 class BatchNorm(nn.Module):
     "Batch normalisation over (batch, height, width) per channel; equal to `nn.BatchNorm2d`."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5):
@@ -63,7 +63,7 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #6da8ee1d
+# %% ../nbs/07_batchnorm.ipynb #5bba7a7c
 NFS = (8, 16, 32, 64, 64)
 GENERAL_RELU = dict(leak=0.1, sub=0.4, maxv=6)
 
@@ -82,7 +82,7 @@ def fit_cnn(model, data, batch_size: int, lr: float, n_epochs: int = 1, schedule
     learn.fit(n_epochs)
     return learn
 
-# %% ../nbs/07_batchnorm.ipynb #55da6f3e
+# %% ../nbs/07_batchnorm.ipynb #5e386b84
 class LayerNorm(nn.Module):
     "Normalises each item over (channels, height, width); equal to `F.layer_norm` over those dims, times `mult` plus `add`."
     def __init__(self, n_channels: int = None, eps: float = 1e-5):
@@ -97,7 +97,7 @@ class LayerNorm(nn.Module):
         scale = self.mult * torch.rsqrt(var + self.eps)
         return torch.addcmul((self.add - mean * scale).to(x.dtype), x, scale.to(x.dtype))
 
-# %% ../nbs/07_batchnorm.ipynb #f176403b
+# %% ../nbs/07_batchnorm.ipynb #c18092bb
 class InstanceNorm(nn.Module):
     "Normalises each channel of each item over (height, width); equal to `F.instance_norm` with `mults`/`adds`."
     def __init__(self, n_channels: int, eps: float = 1e-5):
@@ -112,7 +112,7 @@ class InstanceNorm(nn.Module):
         scale = self.mults * torch.rsqrt(var + self.eps)
         return torch.addcmul((self.adds - mean * scale).to(x.dtype), x, scale.to(x.dtype))
 
-# %% ../nbs/07_batchnorm.ipynb #c1a7e844
+# %% ../nbs/07_batchnorm.ipynb #9d9d47c8
 class GroupNorm(nn.Module):
     "Normalises each group of `n_channels // n_groups` channels of each item; equal to `nn.GroupNorm`."
     def __init__(self, n_groups: int, n_channels: int, eps: float = 1e-5):
@@ -133,7 +133,7 @@ class GroupNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #ab105304
+# %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with debiased running statistics in training too, for tiny batches (lesson 10)."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
@@ -188,7 +188,7 @@ class RunningBatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #867050fb
+# %% ../nbs/07_batchnorm.ipynb #0fde1905
 DEFAULT_NORMS = {
     'none': None,
     'nn.BatchNorm2d': nn.BatchNorm2d,
