@@ -1,0 +1,232 @@
+"""Turns bench/run.py's results into RESULTS.md and results.png."""
+import statistics
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+
+# The peers' figures, measured on the same machine on 2026-11-24 (from the issue): (measure, arm, batch size) -> text, (low, high).
+PEERS = {
+    ('loop', 'Learner.fit', 512):              {'course-v3 (2019)': (1.05, 1.10), 'miniai (2022)': (1.06, 1.07)},
+    ('loop', 'Learner.fit', 32):               {'course-v3 (2019)': (1.08, 1.14), 'miniai (2022)': (1.04, 1.19)},
+    ('stats', 'with ActivationStats', 512):    {'course-v3 (2019)': (1.62, 1.63), 'miniai (2022)': (1.53, 1.53)},
+    ('stats', 'with ActivationStats', 32):     {'course-v3 (2019)': (1.39, 1.49), 'miniai (2022)': (1.30, 1.42)},
+    ('rbn', 'RunningBatchNorm', 512):          {'course-v3 (2019)': (1.1, 1.1)},
+}
+PEER_NAMES = ('course-v3 (2019)', 'miniai (2022)')
+TITLES = {'loop': 'Learner.fit vs a hand-written loop', 'stats': 'ActivationStats on every GeneralRelu, every batch',
+          'norms': 'Norm layers vs nn.BatchNorm2d', 'rbn': 'RunningBatchNorm vs nn.BatchNorm2d'}
+ORDER = ('loop', 'stats', 'norms', 'rbn')
+
+
+def _peer(c, name):
+    low_high = PEERS.get((c['measure'], c['arm'], c['batch_size']), {}).get(name)
+    if low_high is None: return ''
+    low, high = low_high
+    return ('about ' if c['measure'] == 'rbn' else '') + (f'{low:.2f}' if low == high else f'{low:.2f}–{high:.2f}')
+
+
+def _verdict(c):
+    if c['target'] is None: return '(no target)'
+    return f"≤ {c['target']:.2f}", ('meets' if c['median'] <= c['target'] else '**misses**')
+
+
+def _sorted(comparisons):
+    return sorted(comparisons, key=lambda c: (ORDER.index(c['measure']), -c['batch_size']))
+
+
+def summary_table(comparisons):
+    lines = ['| measure | batch size | batches per epoch (train+valid) | ours: median ratio | rounds: min–max '
+             '| target | | course-v3 (2019) | miniai (2022) | median seconds: ours / reference |',
+             '|---|---:|---|---:|---:|---|---|---:|---:|---:|']
+    for c in _sorted(comparisons):
+        target, verdict = _verdict(c) if c['target'] is not None else ('–', '')
+        lines.append(f"| {c['arm']} / {c['reference']} | {c['batch_size']} | {c['batches']} | **{c['median']:.3f}** "
+                     f"| {min(c['ratios']):.3f}–{max(c['ratios']):.3f} | {target} | {verdict} "
+                     f"| {_peer(c, PEER_NAMES[0])} | {_peer(c, PEER_NAMES[1])} "
+                     f"| {statistics.median(c['seconds']):.2f} / {statistics.median(c['ref_seconds']):.2f} |")
+    return lines
+
+
+def raw_tables(comparisons):
+    "One table per interleaved group: seconds per round for every arm, and the valid loss each reached."
+    groups = {}
+    for c in comparisons: groups.setdefault((c['batch_size'], c['reference'], c['batches'], c['note']), []).append(c)
+    lines = []
+    for (bs, reference, batches, _), cs in groups.items():
+        arms = [reference] + [c['arm'] for c in cs]
+        seconds = [cs[0]['ref_seconds']] + [c['seconds'] for c in cs]
+        losses = [cs[0]['ref_losses']] + [c['losses'] for c in cs]
+        lines += ['', f"**Batch size {bs}, reference {reference}** ({batches}); seconds per epoch, round by round, "
+                  'and (last column) the validation loss each arm reached in every round:', '',
+                  '| arm | ' + ' | '.join(f'round {r + 1}' for r in range(len(seconds[0]))) + ' | valid loss |',
+                  '|---|' + '---:|' * (len(seconds[0]) + 1)]
+        for arm, secs, loss in zip(arms, seconds, losses):
+            loss_text = f'{loss[0]:.4f}' if max(loss) - min(loss) < 1e-6 else f'{min(loss):.4f}–{max(loss):.4f}'
+            lines.append(f'| {arm} | ' + ' | '.join(f'{s:.3f}' for s in secs) + f' | {loss_text} |')
+    return lines
+
+
+def memory_section(memory):
+    if memory is None: return []
+    ok = lambda b: 'yes' if b else '**no**'
+    lines = ['## 5. Memory of ActivationStats', '',
+             f"{memory['n_fits']} fits of one epoch at batch size {memory['batch_size']} ({memory['batches']}), "
+             'each recording every GeneralRelu on every training batch, done two ways: (a) the same callback attached '
+             'to the Learner and fitted again, (b) a new callback passed to `fit(cbs=...)` each time and dropped. '
+             'RSS is read from /proc/self/statm after `gc.collect()`; the bound is layers × recorded batches × (bins + 3).', '',
+             '| way | fit | RSS (MiB) | stats numel | bound | recorded batches | previous stats freed | forward hooks left |',
+             '|---|---:|---:|---:|---:|---:|---|---:|']
+    for key, label in (('same_callback', '(a) same callback'), ('new_callback', '(b) new callback')):
+        for r in memory[key]:
+            lines.append(f"| {label} | {r['fit']} | {r['rss_mib']:.1f} | {r['numel']:,} | {r['bound']:,} | {r['recorded']} "
+                         f"| {'yes' if r['previous_freed'] else '**no**'} | {r['hooks_left']} |")
+    g = memory['growth_mib']
+    lines += ['', f"- stats tensor: {memory['stats_mib']:.3f} MiB per fit; numel within the bound in every fit: {ok(memory['numel_ok'])}",
+              f"- RSS growth from fit 2 to fit {memory['n_fits']}: (a) {g['same_callback']:+.2f} MiB, (b) {g['new_callback']:+.2f} MiB "
+              f"(a leak of one stats tensor per fit would add {memory['stats_mib'] * (memory['n_fits'] - 2):.2f} MiB); "
+              f"flat: {ok(memory['rss_ok'])}",
+              f"- the previous fit's stats tensor (and in (b) its callback) freed: {ok(memory['freed_ok'])}; "
+              f"no forward hooks left on the model after a fit: {ok(memory['hooks_ok'])}", '']
+    return lines
+
+
+def _op_table(arms, n_rows=12):
+    "Top ops by self CPU time, one pair of columns per arm, plus each op's extra time over the first arm."
+    names = list(arms)
+    by_name = {arm: {o['name']: o for o in p['ops']} for arm, p in arms.items()}
+    top = []
+    for arm in names:
+        for o in arms[arm]['ops'][:n_rows]:
+            if o['name'] not in top: top.append(o['name'])
+    first = names[0]
+    top.sort(key=lambda n: -max(by_name[a].get(n, {'self_ms': 0})['self_ms'] for a in names))
+    head = '| op | ' + ' | '.join(f'{a}: self ms (calls)' for a in names) + ''.join(f' | {a} − {first} (ms)' for a in names[1:]) + ' |'
+    lines = [head, '|---|' + '---:|' * (2 * len(names) - 1)]
+    for op in top[:n_rows + 4]:
+        cells = []
+        for a in names:
+            o = by_name[a].get(op)
+            cells.append('–' if o is None else f"{o['self_ms']:.1f} ({o['calls']:,})")
+        diffs = [by_name[a].get(op, {'self_ms': 0})['self_ms'] - by_name[first].get(op, {'self_ms': 0})['self_ms'] for a in names[1:]]
+        lines.append(f'| `{op}` | ' + ' | '.join(cells) + ''.join(f' | {d:+.1f}' for d in diffs) + ' |')
+    lines.append('| all ops (sum of self CPU) | ' + ' | '.join(f"{arms[a]['ops_ms']:.0f}" for a in names)
+                 + ''.join(f" | {arms[a]['ops_ms'] - arms[first]['ops_ms']:+.0f}" for a in names[1:]) + ' |')
+    lines.append('| epoch under the profiler (wall ms) | ' + ' | '.join(f"{arms[a]['wall_s'] * 1e3:.0f}" for a in names)
+                 + ''.join(f" | {(arms[a]['wall_s'] - arms[first]['wall_s']) * 1e3:+.0f}" for a in names[1:]) + ' |')
+    lines.append('| epoch without the profiler (wall ms, best of 2) | ' + ' | '.join(f"{arms[a]['plain_s'] * 1e3:.0f}" for a in names)
+                 + ''.join(f" | {(arms[a]['plain_s'] - arms[first]['plain_s']) * 1e3:+.0f}" for a in names[1:]) + ' |')
+    return lines
+
+
+def _differences(arms, n_ops=4):
+    "A sentence per arm: how much longer its epoch took than the first arm's, and the ops that grew most."
+    names = list(arms)
+    first = {o['name']: o['self_ms'] for o in arms[names[0]]['ops']}
+    lines = []
+    for name in names[1:]:
+        ops = {o['name']: o['self_ms'] for o in arms[name]['ops']}
+        grew = sorted(set(ops) | set(first), key=lambda op: -(ops.get(op, 0) - first.get(op, 0)))[:n_ops]
+        extra = (arms[name]['plain_s'] - arms[names[0]]['plain_s']) * 1e3
+        lines.append(f"- {name}: {extra:+.0f} ms per epoch against {names[0]} (without the profiler, best of 2 epochs each); the ops that grew most: "
+                     + ', '.join(f"`{op}` {ops.get(op, 0) - first.get(op, 0):+.1f} ms" for op in grew) + '.')
+    return lines
+
+
+def profile_section(profiles):
+    if not profiles: return []
+    lines = ['## 6. Profiles', '',
+             'One epoch (train + valid) per arm under `torch.profiler` (CPU), after an untimed warm-up; ops sorted by '
+             'self CPU time, the time each call took on the Python thread (an op\'s work on the second intra-op thread is inside '
+             'its call, not added to it). The gap between "all ops" and the wall time is mostly Python: the loop, callbacks and '
+             'hooks. One profile each, so differences of a few ms are noise. '
+             'Add `--traces` to save each as a Chrome trace under `bench/out/traces/` (open in chrome://tracing or Perfetto).']
+    for p in profiles:
+        lines += ['', f"### {p['topic']}, batch size {p['batch_size']} ({p['batches']})", '']
+        lines += _op_table(p['arms']) + [''] + _differences(p['arms'])
+    return lines + ['']
+
+
+def write_markdown(results, path):
+    info, comparisons = results['info'], results['comparisons']
+    m = info['machine']
+    sizes = info['sizes']
+    def size_text(bs):
+        n_train, n_valid = sizes.get(bs, sizes.get(str(bs)))
+        if n_train is None: return f'batch size {bs}: the whole 50,000 + 10,000 images'
+        return f'batch size {bs}: the first {n_train} shuffled training batches and {n_valid} validation batches (a subset, for time)'
+    met = [c for c in comparisons if c['target'] is not None]
+    missed = [c for c in met if c['median'] > c['target']]
+    lines = ['# minifast benchmarks', '',
+             f"Written by `{info['command']}` (`make bench` runs it in full) on {info['date']}, in {info['duration_s'] / 60:.1f} minutes"
+             + (' — **a smoke run (`--quick`): too few batches for the figures to mean much**' if info['mode'] == 'quick' else '') + '.', '',
+             f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} with "
+             f"{m['torch_threads']} threads, Python {m['python']}, {m['platform']}, device `{m['device']}`",
+             f"- code: minifast at commit {m['commit']}" + (' with uncommitted changes to minifast/ or nbs/' if m['library_changed'] else ''),
+             f"- load average (1, 5, 15 min) at the start {info['load_start']}, at the end {info['load_end']}"
+             + (' — the machine was busy: the ratios absorb steady load, and the median drops the odd burst, but read them with care'
+                if max(info['load_start'][0], info['load_end'][0]) > 0.75 * m['cores'] else ''),
+             f"- {len(met) - len(missed)} of {len(met)} targets met" + (': misses ' + ', '.join(f"{c['arm']} at {c['batch_size']}" for c in missed) if missed else ''), '',
+             '## Method', '',
+             '- Fashion-MNIST, normalised with the training set\'s mean and std (`normalize_to_train`); the lesson\'s CNN '
+             '(`get_norm_cnn(norm, nfs=(8, 16, 32, 32))`: conv 5×5 then 3×3 stride-2 convs, GeneralRelu(leak=0.1, sub=0.4, maxv=6), '
+             'Kaiming init with `init_cnn(..., leak=0.1)`), plain SGD, `F.cross_entropy`, CPU with `torch.set_num_threads(2)`.',
+             '- Batches are made once by minifast\'s `DataLoader` (training shuffled with a fixed seed, validation in order at twice the '
+             'batch size) and kept as lists, so every arm sees the same batches in the same order: ' + '; '.join(size_text(bs) for bs in (512, 32, 2)) + '.',
+             '- An epoch is one training pass and one validation pass under `no_grad`, from the same initial weights every time. '
+             '`Learner.fit(1)` runs with its default callbacks (TrainEvalCallback; MetricsCallback, averaging loss and accuracy '
+             'over training and validation batches on the device, its two printed lines turned off; no progress bar: '
+             '`MINIFAST_PROGRESS=0`), plus `DeviceCallback` and `BatchTransformXCallback(view_tfm(1, 28, 28))`. The hand-written loop does '
+             'the same `.to(device)` and `.view`, and sums validation loss and accuracy on the device.',
+             f"- Interleaved: in each of {info['rounds']} rounds every arm of a comparison trains one epoch, in an order that rotates "
+             'from round to round (A, B then B, A), after one untimed warm-up on three batches. A figure is the **median over rounds '
+             'of (arm seconds / reference seconds in the same round)**; the raw seconds are below.',
+             '- The same initial weights and batches mean that arms doing the same arithmetic must reach the same validation loss: '
+             'the last column of each raw table checks it (hand loop vs Learner, with vs without ActivationStats).', '',
+             '## Results', '']
+    lines += summary_table(comparisons)
+    lines += ['', 'The peers\' figures (course-v3 2019 code, miniai 2022) were measured on this machine on 2026-11-24 by the same method; '
+              'blank where the issue gives none. ![ratios](results.png)', '', '### Raw seconds']
+    lines += raw_tables(comparisons) + ['']
+    lines += memory_section(results['memory'])
+    lines += profile_section(results['profiles'])
+    path.write_text('\n'.join(lines))
+
+
+def _middle(ratios):
+    "The range of the rounds without the fastest and the slowest (all of them when there are fewer than 5)."
+    r = sorted(ratios)
+    return (r[1], r[-2]) if len(r) >= 5 else (r[0], r[-1])
+
+
+def plot(results, path):
+    "One row per comparison: our median ratio (bar), the middle rounds' range (whisker), the target (|) and the peers' ranges."
+    cs = _sorted(results['comparisons'])
+    if not cs: return None
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(cs) + 1.6))
+    ys = list(range(len(cs)))[::-1]
+    right = max([c['median'] for c in cs] + [c['target'] or 1 for c in cs]
+                + [hi for peers in PEERS.values() for _, hi in peers.values()]) * 1.12
+    for y, c in zip(ys, cs):
+        colour = 'tab:blue' if c['target'] is None or c['median'] <= c['target'] else 'tab:red'
+        ax.barh(y, c['median'] - 1, left=1, height=0.5, color=colour, alpha=0.8)
+        low, high = _middle(c['ratios'])
+        ax.plot([low, min(high, right)], [y, y], color='k', lw=1)
+        ax.text(min(c['median'], right) + 0.01, y - 0.1, f"{c['median']:.2f}", fontsize=7, va='top')
+        if c['target'] is not None: ax.plot([c['target']] * 2, [y - 0.35, y + 0.35], color='k', lw=2)
+        for k, name in enumerate(PEER_NAMES):
+            low_high = PEERS.get((c['measure'], c['arm'], c['batch_size']), {}).get(name)
+            if low_high:
+                label = name if name not in ax.get_legend_handles_labels()[1] else None
+                ax.plot(low_high, [y + 0.3 + 0.13 * k] * 2, color=('tab:orange', 'tab:green')[k], lw=3,
+                        solid_capstyle='butt', marker='|', label=label)
+    ax.axvline(1, color='grey', lw=0.8)
+    ax.set_xlim(min(0.9, min(_middle(c['ratios'])[0] for c in cs) - 0.02), right)
+    ax.set_yticks(ys, [f"{c['arm']} / {c['reference']}, bs {c['batch_size']}" for c in cs], fontsize=8)
+    ax.set_xlabel('epoch time ratio: median of per-round ratios (bar, red if it misses its target), '
+                  'target (black |),\nrange of the rounds without the fastest and slowest (whisker), peers (coloured)', fontsize=8)
+    ax.set_title(f"minifast benchmarks, {results['info']['date'][:10]}" + (' (smoke run)' if results['info']['mode'] == 'quick' else ''), fontsize=10)
+    if ax.get_legend_handles_labels()[1]: ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,398 @@
+"""minifast's benchmark suite. `make bench` runs it in full; `python bench/run.py --quick` is a smoke run.
+
+Every speed figure is a ratio of epoch times, measured interleaved in one process. In round r each arm
+trains one epoch (a training pass, then a validation pass under no_grad) from the same initial weights
+over the same batches, made once before the first round; the order of the arms rotates from round to
+round (with two arms: A then B, then B then A). A figure is the median over rounds of
+arm seconds / reference seconds in the same round, so a slow spell on a busy machine hits both.
+
+A full run writes bench/RESULTS.md and bench/results.png (committed); other runs (--quick, --only)
+write to bench/out/ (ignored by git) unless --out says otherwise. Raw data: results.json beside them.
+"""
+import argparse, datetime, gc, json, os, platform, statistics, subprocess, sys, time, weakref
+from functools import partial
+from pathlib import Path
+
+os.environ['MINIFAST_PROGRESS'] = '0'  # the same callbacks however we are launched: no progress bar
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from minifast.data import DataLoader, load_fashion_mnist, normalize_to_train
+from minifast.foundations import set_seed
+from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, GeneralRelu, default_device, view_tfm
+from minifast.learner import Learner
+from minifast.losses import accuracy
+from minifast.norms import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RunningBatchNorm, get_norm_cnn
+
+import report
+
+BENCH = Path(__file__).resolve().parent
+THREADS = 2
+NFS = (8, 16, 32, 32)  # the lesson's CNN; `get_norm_cnn` adds GeneralRelu(0.1, 0.4, 6) and Kaiming init (leak 0.1)
+LR = {512: 0.1, 32: 0.1, 2: 0.01}  # plain SGD; speed does not depend on it, but a NaN would stop the Learner
+DEVICE = default_device()
+
+# Batches per epoch, per batch size: (training batches, validation batches); None is the whole set.
+# Validation batches are twice the training batch size, as `DataLoaders.from_tensors` makes them.
+SIZES = {
+    'full':  {512: (None, None), 32: (800, 80), 2: (1000, 100)},
+    'quick': {512: (8, 2), 32: (60, 10), 2: (100, 20)},
+}
+ROUNDS = {'full': 7, 'quick': 5}
+MEMORY_FITS = {'full': 6, 'quick': 4}
+
+NORMS = {
+    'nn.BatchNorm2d': nn.BatchNorm2d,
+    'BatchNorm': BatchNorm,
+    'LayerNorm': LayerNorm,
+    'GroupNorm(4)': partial(GroupNorm, 4),
+    'InstanceNorm': InstanceNorm,
+    'RunningBatchNorm': RunningBatchNorm,
+}
+
+# Targets from the issue: (measure, arm, batch size) -> the most the median ratio may be.
+TARGETS = {('loop', 'Learner.fit', 512): 1.03, ('loop', 'Learner.fit', 32): 1.05,
+           ('stats', 'with ActivationStats', 512): 1.10, ('stats', 'with ActivationStats', 32): 1.10,
+           ('rbn', 'RunningBatchNorm', 512): 1.05, ('rbn', 'RunningBatchNorm', 2): 1.15}
+for _norm in ('BatchNorm', 'LayerNorm', 'GroupNorm(4)', 'InstanceNorm'):
+    for _bs in (512, 32): TARGETS[('norms', _norm, _bs)] = 1.10
+
+
+# --- data -----------------------------------------------------------------------------------------
+class Batches:
+    "Training and validation batches made once, as lists: a `Learner` takes it as `dls`, the hand loop iterates it."
+    def __init__(self, train, valid): self.train, self.valid = train, valid
+    def head(self, n_train, n_valid): return Batches(self.train[:n_train], self.valid[:n_valid])
+    def describe(self):
+        n_train, n_valid = sum(len(y) for _, y in self.train), sum(len(y) for _, y in self.valid)
+        return f'{len(self.train)}+{len(self.valid)} batches ({n_train:,}+{n_valid:,} images)'
+
+
+def load_data():
+    "Fashion-MNIST, 50,000 training and 10,000 validation images, normalised with the training set's statistics."
+    x_train, y_train, x_valid, y_valid = load_fashion_mnist()
+    x_train, x_valid = normalize_to_train(x_train, x_valid)
+    return x_train, y_train, x_valid, y_valid
+
+
+def make_batches(data, batch_size, n_train=None, n_valid=None, seed=0):
+    "The first `n_train` shuffled training batches and `n_valid` validation batches, by minifast's `DataLoader`."
+    x_train, y_train, x_valid, y_valid = data
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(x_train, y_train, batch_size, shuffle=True, generator=generator)
+    valid = DataLoader(x_valid, y_valid, 2 * batch_size)
+    take = lambda dl, n: [b for _, b in zip(range(len(dl) if n is None else n), dl)]
+    return Batches(take(train, n_train), take(valid, n_valid))
+
+
+# --- the arms: each is `prepare(batches) -> run`, where `run()` trains one epoch and returns the valid loss --
+def fresh_model(norm=None):
+    "The lesson's CNN with `norm` after each conv, always from the same initial weights."
+    set_seed(0)
+    return get_norm_cnn(norm, nfs=NFS)
+
+
+def learner_arm(batch_size, norm=None, extra_cbs=list):
+    "`Learner.fit(1)` with its default callbacks, plus what the CNN needs and `extra_cbs()`."
+    def prepare(batches):
+        learn = Learner(fresh_model(norm), batches, F.cross_entropy, lr=LR[batch_size], metrics=accuracy,
+                        cbs=[DeviceCallback(DEVICE), BatchTransformXCallback(view_tfm(1, 28, 28)), *extra_cbs()])
+        learn.metrics.printer = None  # the history is still kept; we only skip two print() calls
+        def run():
+            learn.fit(1)
+            return learn.metrics.history[-1]['valid_loss']
+        return run
+    return prepare
+
+
+def hand_written_epoch(model, opt, batches):
+    "A plain PyTorch epoch: the training loop, then validation loss and accuracy summed on the device."
+    model.train()
+    for xb, yb in batches.train:
+        xb, yb = xb.to(DEVICE, non_blocking=True), yb.to(DEVICE, non_blocking=True)
+        pred = model(xb.view(-1, 1, 28, 28))
+        loss = F.cross_entropy(pred, yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        loss_sum, correct, count = torch.zeros((), device=DEVICE), torch.zeros((), device=DEVICE), 0
+        for xb, yb in batches.valid:
+            xb, yb = xb.to(DEVICE, non_blocking=True), yb.to(DEVICE, non_blocking=True)
+            pred = model(xb.view(-1, 1, 28, 28))
+            loss_sum += F.cross_entropy(pred, yb) * len(yb)
+            correct += (pred.argmax(dim=1) == yb).float().sum()
+            count += len(yb)
+    return (loss_sum / count).item()
+
+
+def loop_arm(batch_size):
+    def prepare(batches):
+        model = fresh_model().to(DEVICE)
+        opt = torch.optim.SGD(model.parameters(), lr=LR[batch_size])
+        return lambda: hand_written_epoch(model, opt, batches)
+    return prepare
+
+
+# --- timing ---------------------------------------------------------------------------------------
+def interleave(arms, batches, rounds, log):
+    "Time one epoch of each arm per round, in an order that rotates each round; seconds and valid losses per arm."
+    names = list(arms)
+    warm = batches.head(3, 1)
+    for name in names: arms[name](warm)()  # untimed: first calls allocate and pick kernels
+    seconds, losses = {n: [] for n in names}, {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = arms[name](batches)
+            gc.collect()
+            start = time.perf_counter()
+            loss = run()
+            seconds[name].append(time.perf_counter() - start)
+            losses[name].append(loss)
+        log(f'    round {r + 1}/{rounds}: ' + ', '.join(f'{n} {seconds[n][-1]:.2f}s' for n in names))
+    return seconds, losses
+
+
+def compare(measure, batch_size, arms, reference, batches, rounds, log, note=''):
+    "Interleave `arms` and turn the seconds into one comparison per arm against `reference`."
+    log(f'  {measure} at batch size {batch_size}: {", ".join(arms)} ({batches.describe()}, {rounds} rounds)')
+    seconds, losses = interleave(arms, batches, rounds, log)
+    rows = []
+    for name in arms:
+        if name == reference: continue
+        ratios = [a / b for a, b in zip(seconds[name], seconds[reference])]
+        rows.append(dict(measure=measure, arm=name, reference=reference, batch_size=batch_size,
+                         batches=batches.describe(), rounds=rounds, ratios=ratios,
+                         median=statistics.median(ratios), seconds=seconds[name], ref_seconds=seconds[reference],
+                         losses=losses[name], ref_losses=losses[reference],
+                         target=TARGETS.get((measure, name, batch_size)), note=note))
+        log(f'    -> {name} / {reference}: median {rows[-1]["median"]:.3f} '
+            f'(rounds {min(ratios):.3f}..{max(ratios):.3f})')
+    return rows
+
+
+def measure_loop(data, sizes, rounds, log):
+    "1. `Learner.fit` against a hand-written loop over the same batches."
+    rows = []
+    for bs in (512, 32):
+        batches = make_batches(data, bs, *sizes[bs])
+        arms = {'hand-written loop': loop_arm(bs), 'Learner.fit': learner_arm(bs)}
+        rows += compare('loop', bs, arms, 'hand-written loop', batches, rounds, log)
+    return rows
+
+
+def measure_stats(data, sizes, rounds, log):
+    "2. The same `Learner.fit` with and without `ActivationStats` on every GeneralRelu, every training batch."
+    rows = []
+    for bs in (512, 32):
+        batches = make_batches(data, bs, *sizes[bs])
+        arms = {'without': learner_arm(bs), 'with ActivationStats': learner_arm(bs, extra_cbs=lambda: [ActivationStats()])}
+        rows += compare('stats', bs, arms, 'without', batches, rounds, log)
+    return rows
+
+
+def measure_norms(data, sizes, rounds, log):
+    "3 and 4. Each norm layer, and RunningBatchNorm, against nn.BatchNorm2d in the same CNN."
+    rows = []
+    for bs in (512, 32):
+        batches = make_batches(data, bs, *sizes[bs])
+        arms = {name: learner_arm(bs, norm) for name, norm in NORMS.items()}
+        for row in compare('norms', bs, arms, 'nn.BatchNorm2d', batches, rounds, log):
+            if row['arm'] == 'RunningBatchNorm':
+                row['measure'], row['target'] = 'rbn', TARGETS.get(('rbn', 'RunningBatchNorm', bs))
+            rows.append(row)
+    bs = 2
+    batches = make_batches(data, bs, *sizes[bs])
+    arms = {name: learner_arm(bs, NORMS[name]) for name in ('nn.BatchNorm2d', 'RunningBatchNorm')}
+    rows += compare('rbn', bs, arms, 'nn.BatchNorm2d', batches, rounds, log)
+    return rows
+
+
+# --- memory ---------------------------------------------------------------------------------------
+def rss_mib():
+    "Resident set size of this process, from /proc/self/statm."
+    with open('/proc/self/statm') as f: resident_pages = int(f.read().split()[1])
+    return resident_pages * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def forward_hooks(model): return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def memory_row(fit, stats, model, previous_freed):
+    n_layers, bins = stats.stats.shape[0], stats.bins
+    return dict(fit=fit, rss_mib=rss_mib(), numel=stats.stats.numel(), recorded=stats.n_recorded,
+                bound=n_layers * stats.n_recorded * (bins + 3), previous_freed=previous_freed,
+                hooks_left=forward_hooks(model))
+
+
+def measure_memory(data, sizes, n_fits, log):
+    "5. Repeated fits with ActivationStats: RSS, the stats tensor's size, hooks left behind, old tensors freed."
+    bs = 32
+    batches = make_batches(data, bs, *sizes[bs])
+    log(f'  memory: {n_fits} fits of one epoch at batch size {bs} ({batches.describe()}), two ways')
+    result = {'batch_size': bs, 'batches': batches.describe(), 'n_fits': n_fits}
+
+    # (a) one ActivationStats attached to the learner, fitted again and again
+    model = fresh_model()
+    stats = ActivationStats()
+    learn = Learner(model, batches, F.cross_entropy, lr=LR[bs], metrics=accuracy,
+                    cbs=[DeviceCallback(DEVICE), BatchTransformXCallback(view_tfm(1, 28, 28)), stats])
+    learn.metrics.printer = None
+    rows, previous = [], None
+    for fit in range(1, n_fits + 1):
+        learn.fit(1)
+        gc.collect()
+        rows.append(memory_row(fit, stats, model, previous is None or previous() is None))
+        previous = weakref.ref(stats.stats)
+    result['same_callback'] = rows
+
+    # (b) a new ActivationStats for each fit, passed to `fit(cbs=...)` and dropped afterwards
+    learn.remove_cbs(stats); del stats
+    rows, previous = [], None
+    for fit in range(1, n_fits + 1):
+        stats = ActivationStats()
+        learn.fit(1, cbs=[stats])
+        gc.collect()
+        rows.append(memory_row(fit, stats, model, previous is None or all(ref() is None for ref in previous)))
+        previous = (weakref.ref(stats), weakref.ref(stats.stats))
+        del stats
+    result['new_callback'] = rows
+
+    # the verdicts
+    all_rows = result['same_callback'] + result['new_callback']
+    stats_mib = result['same_callback'][-1]['numel'] * 4 / 2**20
+    growth = {k: result[k][-1]['rss_mib'] - result[k][1]['rss_mib'] for k in ('same_callback', 'new_callback')}
+    result.update(stats_mib=stats_mib, growth_mib=growth,
+                  numel_ok=all(r['numel'] <= r['bound'] for r in all_rows),
+                  freed_ok=all(r['previous_freed'] for r in all_rows),
+                  hooks_ok=all(r['hooks_left'] == 0 for r in all_rows),
+                  # a leak of one stats tensor per fit would add (n_fits - 2) of them after the second fit
+                  rss_ok=all(g < max(0.5 * stats_mib * (n_fits - 2), 0.25) for g in growth.values()))
+    log(f'    stats tensor {stats_mib:.3f} MiB; RSS growth after fit 2: '
+        + ', '.join(f'{k} {v:+.2f} MiB' for k, v in growth.items())
+        + f"; numel ok {result['numel_ok']}, freed {result['freed_ok']}, hooks removed {result['hooks_ok']}")
+    return result
+
+
+# --- profiles -------------------------------------------------------------------------------------
+def profile_epoch(prepare, batches, trace_path=None):
+    "Profile one epoch: per-op self CPU time, the profiled wall time, and the epoch's time without the profiler (best of 2)."
+    plain = []
+    for _ in range(2):
+        unprofiled = prepare(batches)
+        start = time.perf_counter(); unprofiled(); plain.append(time.perf_counter() - start)
+    plain_s = min(plain)
+    run = prepare(batches)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter(); run(); wall_s = time.perf_counter() - start
+    if trace_path is not None: prof.export_chrome_trace(str(trace_path))
+    ops = [dict(name=e.key, self_ms=e.self_cpu_time_total / 1e3, calls=e.count) for e in prof.key_averages()]
+    ops.sort(key=lambda o: -o['self_ms'])
+    return dict(wall_s=wall_s, plain_s=plain_s, ops_ms=sum(o['self_ms'] for o in ops), ops=ops)
+
+
+def measure_profiles(data, sizes, log, traces=None):
+    "6. Where an epoch's time goes, with and without ActivationStats; and for the norms that cost the most."
+    if traces is not None: traces.mkdir(parents=True, exist_ok=True)
+    profiles = []
+    plans = [('ActivationStats', 512, {'without': learner_arm(512),
+                                       'with ActivationStats': learner_arm(512, extra_cbs=lambda: [ActivationStats()])}),
+             ('ActivationStats', 32, {'without': learner_arm(32),
+                                      'with ActivationStats': learner_arm(32, extra_cbs=lambda: [ActivationStats()])}),
+             ('loop', 32, {'hand-written loop': loop_arm(32), 'Learner.fit': learner_arm(32)}),
+             ('norms', 512, {n: learner_arm(512, NORMS[n]) for n in ('nn.BatchNorm2d', 'BatchNorm', 'GroupNorm(4)', 'InstanceNorm')}),
+             ('norms', 2, {n: learner_arm(2, NORMS[n]) for n in ('nn.BatchNorm2d', 'RunningBatchNorm')})]
+    for topic, bs, arms in plans:
+        n_train, n_valid = sizes[bs]
+        if bs == 512 and topic == 'norms': n_train, n_valid = 20 if n_train is None else n_train, 2 if n_valid is None else n_valid
+        batches = make_batches(data, bs, n_train, n_valid)
+        log(f'  profile {topic} at batch size {bs} ({batches.describe()}): {", ".join(arms)}')
+        entry = dict(topic=topic, batch_size=bs, batches=batches.describe(), arms={})
+        for name, prepare in arms.items():
+            prepare(batches.head(3, 1))()  # warm up, as for the timings
+            slug = f'{topic}-bs{bs}-{name}'.replace(' ', '_').replace('(', '').replace(')', '').replace('.', '')
+            entry['arms'][name] = profile_epoch(prepare, batches, traces and traces / f'{slug}.json')
+        profiles.append(entry)
+    return profiles
+
+
+# --- the machine ----------------------------------------------------------------------------------
+def machine_info():
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), platform.processor())
+    def git(*args):
+        try: return subprocess.run(['git', *args], cwd=BENCH.parent, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError): return ''
+    return dict(cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
+                device=str(DEVICE), commit=git('rev-parse', '--short', 'HEAD'),
+                library_changed=bool(git('status', '--porcelain', '--', 'minifast', 'nbs')))
+
+
+def load_average():
+    with open('/proc/loadavg') as f: return [float(v) for v in f.read().split()[:3]]
+
+
+# --- main -----------------------------------------------------------------------------------------
+MEASURES = ('loop', 'stats', 'norms', 'memory', 'profile')
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='a smoke run: few batches per epoch (writes to bench/out/quick)')
+    p.add_argument('--rounds', type=int, help=f"rounds per comparison (default {ROUNDS['full']}, quick {ROUNDS['quick']}; at least 5 for a figure)")
+    p.add_argument('--only', help=f"comma-separated subset of {','.join(MEASURES)}")
+    p.add_argument('--bs32-batches', type=int, help='training batches per epoch at batch size 32 (validation: a tenth as many, of 64 images)')
+    p.add_argument('--bs2-images', type=int, help='training images per epoch at batch size 2 (validation: a fifth as many)')
+    p.add_argument('--out', type=Path, help='folder for RESULTS.md, results.png and results.json')
+    p.add_argument('--traces', action='store_true', help='also save each profile as a Chrome trace (tens of MB) under bench/out/traces')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mode = 'quick' if args.quick else 'full'
+    sizes = dict(SIZES[mode])
+    if args.bs32_batches: sizes[32] = (args.bs32_batches, max(1, args.bs32_batches // 10))
+    if args.bs2_images: sizes[2] = (args.bs2_images // 2, max(1, args.bs2_images // 20))
+    rounds = args.rounds or ROUNDS[mode]
+    only = MEASURES if args.only is None else tuple(m.strip() for m in args.only.split(','))
+    if unknown := set(only) - set(MEASURES): sys.exit(f'--only: unknown measures {sorted(unknown)}; choose from {MEASURES}')
+    complete = mode == 'full' and set(only) == set(MEASURES) and not (args.bs32_batches or args.bs2_images or args.rounds)
+    out = args.out or (BENCH if complete else BENCH / 'out' / ('quick' if args.quick else 'partial'))
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.set_num_threads(THREADS)
+    started = time.perf_counter()
+    log = lambda msg: print(f'[{time.perf_counter() - started:7.1f}s] {msg}', file=sys.stderr, flush=True)
+    info = dict(mode=mode, rounds=rounds, sizes={bs: list(v) for bs, v in sizes.items()}, only=list(only),
+                date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+                command=' '.join(['python bench/run.py', *(argv if argv is not None else sys.argv[1:])]).strip(),
+                machine=machine_info(), load_start=load_average())
+    log(f"minifast bench ({mode}, {rounds} rounds) on {info['machine']['cpu']}, {THREADS} threads, "
+        f"torch {torch.__version__}; load average {info['load_start']}; writing to {out}")
+    if rounds < 5: log(f'warning: {rounds} rounds; the issue asks for at least 5 for a figure')
+    data = load_data()
+
+    comparisons, memory, profiles = [], None, []
+    if 'loop' in only: comparisons += measure_loop(data, sizes, rounds, log)
+    if 'stats' in only: comparisons += measure_stats(data, sizes, rounds, log)
+    if 'norms' in only: comparisons += measure_norms(data, sizes, rounds, log)
+    if 'memory' in only: memory = measure_memory(data, sizes, MEMORY_FITS[mode], log)
+    if 'profile' in only: profiles = measure_profiles(data, sizes, log, BENCH / 'out' / 'traces' if args.traces else None)
+    info.update(load_end=load_average(), duration_s=time.perf_counter() - started)
+
+    results = dict(info=info, comparisons=comparisons, memory=memory, profiles=profiles)
+    (out / 'results.json').write_text(json.dumps(results, indent=1))
+    report.write_markdown(results, out / 'RESULTS.md')
+    report.plot(results, out / 'results.png')
+    log(f"done in {info['duration_s'] / 60:.1f} min: {out / 'RESULTS.md'}, {out / 'results.png'}")
+    for c in comparisons:
+        verdict = '' if c['target'] is None else ('  meets' if c['median'] <= c['target'] else '  MISSES') + f" target {c['target']:.2f}"
+        print(f"{c['measure']:6} bs{c['batch_size']:<4} {c['arm']:>22} / {c['reference']:<18} {c['median']:.3f}{verdict}")
+    return results
+
+
+if __name__ == '__main__': main()
