@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from minifast.data import DataLoader, load_fashion_mnist, normalize_to_train
 from minifast.foundations import set_seed
-from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, GeneralRelu, default_device, view_tfm
+from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, default_device, view_tfm
 from minifast.learner import Learner
 from minifast.losses import accuracy
 from minifast.norms import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RunningBatchNorm, get_norm_cnn

@@ -9,8 +9,7 @@ __all__ = ['Lambda', 'flatten', 'view_tfm', 'BatchTransformXCallback', 'GeneralR
            'default_device', 'DeviceCallback', 'HookRemovedError', 'Hook', 'Hooks', 'ActivationStats', 'init_cnn']
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #cdd9c1bf
-import math, weakref
-from functools import partial
+import weakref
 import torch
 from torch import nn
 import matplotlib.pyplot as plt

@@ -9,7 +9,6 @@ __all__ = ['LRFinder', 'LRFindResult', 'suggest_lr', 'lr_find', 'EarlyStoppingCa
 
 # %% ../nbs/05_lr_finder.ipynb #5802fa0b
 import copy, math
-import torch
 import matplotlib.pyplot as plt
 from .learner import Callback, CancelTrainException, MetricsCallback
 

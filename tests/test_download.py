@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from minifast import data
 from minifast.data import (DATASETS, DownloadError, cache_dir, download_file, get_data_dir, load_dataset,
                            read_idx, write_idx)
 
