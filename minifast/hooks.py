@@ -6,10 +6,11 @@ Docs: https://minifast.github.io/minifast/cuda_cnn_hooks_init.html.md"""
 
 # %% auto #0
 __all__ = ['Lambda', 'flatten', 'view_tfm', 'BatchTransformXCallback', 'GeneralRelu', 'conv_layer', 'get_cnn_model',
-           'default_device', 'DeviceCallback', 'HookRemovedError', 'Hook', 'Hooks', 'ActivationStats', 'init_cnn']
+           'default_device', 'DeviceCallback', 'HookRemovedError', 'Hook', 'Hooks', 'sample_step', 'ActivationStats',
+           'init_cnn']
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #cdd9c1bf
-import weakref
+import math, weakref
 import torch
 from torch import nn
 import matplotlib.pyplot as plt
@@ -129,19 +130,29 @@ class Hooks:
         "Remove every hook."
         for h in self.hooks: h.remove()
 
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #d5cf0680
+def sample_step(n: int, max_samples: int) -> int:
+    "The smallest step ≥ `n / max_samples` that shares no factor with `n`: `x.view(-1)[::step]` then never lines up with rows or channels."
+    step = max(1, -(-n // max_samples))
+    while math.gcd(step, n) != 1: step += 1
+    return step
+
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #3a5fcd48
 class ActivationStats(Callback):
     "Records each hooked layer's mean, std, `bins`-bin histogram and near-zero share per training batch, on device."
     _order = 15
     def __init__(self, modules=None, # layers to watch; default: every `GeneralRelu` of the model
                  bins: int = 40, hist_range=(-1., 9.), near_zero: float = 0.25,
-                 every: int = 1): # record every `every`-th training batch
+                 every: int = 1, # record every `every`-th training batch
+                 hist_sample: int | None = 4096): # histogram at most this many activations per layer and batch, spread evenly; None: all
         low, high = hist_range
         width = (high - low) / bins
         lo_edge, hi_edge = (-near_zero - low) / width, (near_zero - low) / width
         if min(abs(lo_edge - round(lo_edge)), abs(hi_edge - round(hi_edge))) > 1e-6 or lo_edge < 0 or hi_edge > bins:
             raise ValueError(f"ActivationStats: ±near_zero={near_zero} must fall on bin edges of {bins} bins over {hist_range}")
+        if hist_sample is not None and hist_sample < 1: raise ValueError(f"ActivationStats: hist_sample must be None or ≥ 1, got {hist_sample}")
         self.modules, self.bins, self.hist_range, self.near_zero, self.every = modules, bins, (low, high), near_zero, every
+        self.hist_sample = hist_sample
         self._zero_bins = slice(round(lo_edge), round(hi_edge))
         self.stats = None
 
@@ -151,8 +162,15 @@ class ActivationStats(Callback):
         if not modules: raise ValueError("ActivationStats: no layers to watch (the model has no GeneralRelu; pass modules=)")
         capacity = -(-learn.n_epochs * len(learn.dls.train) // self.every)
         device = next(learn.model.parameters()).device
-        # one row per layer and recorded batch: mean, std, near-zero share, then the histogram
+        # one row per layer and recorded batch: sum, sum of squares, number of activations, histogram counts
         self.stats = torch.zeros(len(modules), capacity, 3 + self.bins, device=device)
+        # the hooks write into `_batch`, through views made once; `after_batch` copies it into `stats`,
+        # times `_scales`: 1 for the sums, and for the counts the sample's scale-up to the whole batch
+        self._batch = torch.zeros(len(modules), 3 + self.bins, device=device)
+        self._scales = torch.ones_like(self._batch)
+        self._views = [(row[0], row[1], row[2], row[3:]) for row in self._batch]
+        self._sizes, self._steps = [None] * len(modules), [1] * len(modules)
+        self._seen = [False] * len(modules)
         self.n_recorded, self._recording = 0, False
         self.hooks = Hooks(modules, self._record)
         for layer, hook in enumerate(self.hooks): hook.layer = layer
@@ -162,30 +180,62 @@ class ActivationStats(Callback):
         self._recording = (learn.in_train and learn.n_iter % self.every == 0
                            and self.n_recorded < self.stats.shape[1])
 
+    def _new_size(self, layer, n):
+        "A batch of a new size for `layer` (the first, or a short last batch): its count and histogram sample step."
+        self._sizes[layer] = n
+        self._steps[layer] = step = 1 if self.hist_sample is None else sample_step(n, self.hist_sample)
+        self._views[layer][2].fill_(n)
+        self._scales[layer, 3:] = n / len(range(0, n, step))
+
     def _record(self, hook, module, inputs, output):
         if not self._recording: return
-        acts = output.detach().float()
-        std, mean = torch.std_mean(acts, correction=0)
-        hist = torch.histc(acts, self.bins, *self.hist_range)
-        near_zero = hist[self._zero_bins].sum() / acts.numel()
-        self.stats[hook.layer, self.n_recorded].copy_(torch.cat([torch.stack([mean, std, near_zero]), hist]))
+        layer = hook.layer
+        total, squares, _, counts = self._views[layer]
+        acts = output.detach().reshape(-1)
+        if acts.dtype != torch.float32: acts = acts.float()
+        if acts.numel() != self._sizes[layer]: self._new_size(layer, acts.numel())
+        torch.sum(acts, 0, out=total)
+        torch.dot(acts, acts, out=squares)
+        torch.histc(acts[::self._steps[layer]], self.bins, *self.hist_range, out=counts)
+        self._seen[layer] = True
 
     def after_batch(self):
-        if self._recording: self.n_recorded += 1
+        if not self._recording: return
         self._recording = False
+        row = self.stats[:, self.n_recorded]
+        torch.mul(self._batch, self._scales, out=row)  # one op per batch: the sums as they are, the counts scaled up
+        if not all(self._seen): row[[i for i, seen in enumerate(self._seen) if not seen]] = float('nan')
+        self._seen = [False] * len(self._seen)
+        self.n_recorded += 1
 
     def after_fit(self):
         if getattr(self, 'hooks', None) is not None: self.hooks.remove()
 
-    def _column(self, col): return self.stats[:, :self.n_recorded, col].cpu()
+    def _recorded(self):
+        "Sums, sums of squares, counts (float64) and histograms of the recorded batches, on the CPU."
+        rec = self.stats[:, :self.n_recorded].cpu()
+        return rec[..., 0].double(), rec[..., 1].double(), rec[..., 2].double(), rec[..., 3:]
+
     @property
-    def means(self) -> torch.Tensor: "Layers × recorded batches, on the CPU."; return self._column(0)
+    def means(self) -> torch.Tensor:
+        "Layers × recorded batches, on the CPU."
+        sums, _, n, _ = self._recorded()
+        return (sums / n).float()
     @property
-    def stds(self) -> torch.Tensor: "Layers × recorded batches, on the CPU."; return self._column(1)
+    def stds(self) -> torch.Tensor:
+        "Layers × recorded batches, on the CPU."
+        sums, squares, n, _ = self._recorded()
+        # E[a²] − E[a]² from float32 sums: exact enough while the std is above about 1% of |mean| (see 00_foundations)
+        return (squares / n - (sums / n) ** 2).clamp_min(0).sqrt().float()
     @property
-    def near_zero_share(self) -> torch.Tensor: "Share of |activation| < `near_zero`, layers × recorded batches."; return self._column(2)
+    def near_zero_share(self) -> torch.Tensor:
+        "Share of `-near_zero` ≤ activation < `near_zero`, layers × recorded batches."
+        _, _, n, hists = self._recorded()
+        return (hists[..., self._zero_bins].sum(-1) / n).float()
     @property
-    def hists(self) -> torch.Tensor: "Histogram counts, layers × recorded batches × bins, on the CPU."; return self.stats[:, :self.n_recorded, 3:].cpu()
+    def hists(self) -> torch.Tensor:
+        "Histogram counts (scaled up from the sample when `hist_sample` is set), layers × recorded batches × bins, on the CPU."
+        return self._recorded()[3]
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #10b6bbbb
 def _layer_axes(n_layers, size=(3., 2.5)):

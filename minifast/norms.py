@@ -13,6 +13,7 @@ import math, time
 from functools import partial
 import torch
 from torch import nn
+import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from .foundations import set_seed
 from .data import DataLoaders
@@ -48,18 +49,10 @@ class BatchNorm(nn.Module):
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
-        if self.training:
-            n = x.numel() // self.n_channels
-            if n < 2: raise ValueError(f"BatchNorm: expected more than 1 value per channel when training, "
-                                       f"got input of shape {tuple(x.shape)}")
-            var, mean = torch.var_mean(_stats_input(x), dim=(0, 2, 3), correction=0)
-            with torch.no_grad():
-                self.means.lerp_(mean.detach().to(self.means.dtype), self.mom)
-                self.vars.lerp_((var.detach() * (n / (n - 1))).to(self.vars.dtype), self.mom)
-        else: mean, var = self.means, self.vars
-        scale = self.mults * torch.rsqrt(var + self.eps).view(-1, 1, 1)
-        shift = self.adds - mean.view(-1, 1, 1) * scale
-        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+        if self.training and x.numel() // self.n_channels < 2:
+            raise ValueError(f"BatchNorm: expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}")
+        # the arithmetic of `BatchNormByHand`, in PyTorch's fused kernel (statistics in float32 for half-precision inputs)
+        return F.batch_norm(x, self.means, self.vars, self.mults.view(-1), self.adds.view(-1), self.training, self.mom, self.eps)
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
@@ -93,9 +86,9 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
-        var, mean = torch.var_mean(_stats_input(x), dim=(1, 2, 3), keepdim=True, correction=0)
-        scale = self.mult * torch.rsqrt(var + self.eps)
-        return torch.addcmul((self.add - mean * scale).to(x.dtype), x, scale.to(x.dtype))
+        n_channels = x.shape[1]
+        # one group of all the channels is LayerNorm; the one `mult` and `add` apply to every channel
+        return F.group_norm(x, 1, self.mult.expand(n_channels), self.add.expand(n_channels), self.eps)
 
 # %% ../nbs/07_batchnorm.ipynb #c18092bb
 class InstanceNorm(nn.Module):
@@ -108,9 +101,8 @@ class InstanceNorm(nn.Module):
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
-        var, mean = torch.var_mean(_stats_input(x), dim=(2, 3), keepdim=True, correction=0)
-        scale = self.mults * torch.rsqrt(var + self.eps)
-        return torch.addcmul((self.adds - mean * scale).to(x.dtype), x, scale.to(x.dtype))
+        # one group per channel is InstanceNorm
+        return F.group_norm(x, self.n_channels, self.mults.view(-1), self.adds.view(-1), self.eps)
 
 # %% ../nbs/07_batchnorm.ipynb #9d9d47c8
 class GroupNorm(nn.Module):
@@ -125,11 +117,7 @@ class GroupNorm(nn.Module):
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
-        n, c, h, w = x.shape
-        grouped = _stats_input(x).view(n, self.n_groups, -1)
-        var, mean = torch.var_mean(grouped, dim=-1, keepdim=True, correction=0)
-        normalised = ((grouped - mean) * torch.rsqrt(var + self.eps)).view(n, c, h, w)
-        return torch.addcmul(self.adds, normalised, self.mults).to(x.dtype)
+        return F.group_norm(x, self.n_groups, self.mults.view(-1), self.adds.view(-1), self.eps)
 
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
