@@ -9,7 +9,7 @@ __all__ = ['EVENTS', 'CancelTrainException', 'CancelEpochException', 'CancelBatc
            'Learner', 'TrainEvalCallback', 'MetricsCallback', 'progress_wanted', 'ProgressCallback']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
-import os, re, sys, tempfile
+import math, os, re, sys, tempfile
 from pathlib import Path
 import torch
 from torch import nn
@@ -134,7 +134,7 @@ class Learner(Learner):
         self('after_batch')
 
     def _check_finite(self):
-        if torch.isfinite(self.loss).item(): return
+        if math.isfinite(self.loss.item()): return   # one host read; free on the CPU
         if self.nonfinite == 'skip':
             self.n_skipped_batches += 1
             raise CancelBatchException()

@@ -6,7 +6,7 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
 # %% auto #0
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
-           'GroupNorm', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
+           'GroupNorm', 'RunningBatchNormStep', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
 
 # %% ../nbs/07_batchnorm.ipynb #284d4df6
 import math, time
@@ -121,9 +121,43 @@ class GroupNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
+# %% ../nbs/07_batchnorm.ipynb #8a00652f
+class RunningBatchNormStep(torch.autograd.Function):
+    "One training step of `RunningBatchNorm`, with a backward pass written out so that it costs what BatchNorm's does."
+    @staticmethod
+    def forward(ctx, x, mults, adds, running, mom1: float, count: float, min_var: float, eps: float):
+        "Fold the batch into `running` (sums and sums of squares, in place), then normalise `x` with the running statistics."
+        n = x.numel() // x.shape[1]
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
+        running.mul_(1 - mom1).add_(torch.stack([mean, torch.addcmul(var, mean, mean)]), alpha=mom1 * n)
+        means, squares = running / count                                # E[x] and E[x²], per channel
+        varns = torch.addcmul(squares, means, means, value=-1)
+        unclamped = varns >= min_var
+        varns = varns.clamp_min_(min_var)
+        ctx.save_for_backward(x, mults, means, varns, unclamped)
+        ctx.k, ctx.eps = mom1 / count, eps   # d(means)/dx = k and d(E[x²])/dx = 2·k·x, for every x of a channel
+        # (x − means) / √(varns + eps) · mults + adds: BatchNorm in eval mode with these statistics, one fused pass
+        return F.batch_norm(x, means, varns, mults.view(-1), adds.view(-1), False, 0., eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mults, means, varns, unclamped = ctx.saved_tensors
+        # As if the statistics were constants: BatchNorm's eval-mode backward, one fused kernel, gives
+        # grad·mults/√(varns+eps) for x, Σ grad·(x − means)/√(varns+eps) for mults, and Σ grad for adds.
+        grad_x, grad_mults, grad_adds = torch.ops.aten.native_batch_norm_backward(
+            grad, x, mults.view(-1), means, varns, None, None, False, ctx.eps, [True, True, True])
+        # This batch's share of the statistics depends on x too: per channel it adds b + c·x to the gradient, with
+        # c = 2k·∂L/∂varns = −k·mults·grad_mults/(varns+eps) and b = k·∂L/∂means − c·means = −k·mults·grad_adds/√(varns+eps) − c·means
+        inv_std = torch.rsqrt(varns + ctx.eps)
+        scaled = mults.view(-1) * inv_std
+        c = (scaled * inv_std).mul_(grad_mults).mul_(unclamped).mul_(-ctx.k)
+        b = torch.addcmul(c * means, scaled, grad_adds, value=ctx.k).neg_()
+        grad_x = grad_x.addcmul_(x, c.view(-1, 1, 1)).add_(b.view(-1, 1, 1))
+        return grad_x, grad_mults.view_as(mults), grad_adds.view_as(mults), None, None, None, None, None
+
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
-    "BatchNorm that normalises with debiased running statistics in training too, for tiny batches (lesson 10)."
+    "BatchNorm that normalises with running statistics in training too, for tiny batches (lesson 10)."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
                  warmup_items: int = 20, # clamp the variance for this many items seen
                  warmup_var: float = 0.01): # ... to at least this
@@ -132,47 +166,43 @@ class RunningBatchNorm(nn.Module):
         self.warmup_items, self.warmup_var = warmup_items, warmup_var
         self.mults = nn.Parameter(torch.ones(n_channels, 1, 1))
         self.adds = nn.Parameter(torch.zeros(n_channels, 1, 1))
-        self.register_buffer('sums', torch.zeros(n_channels, 1, 1))
-        self.register_buffer('sqrs', torch.zeros(n_channels, 1, 1))
-        self.register_buffer('count', torch.tensor(0.))
-        self.register_buffer('dbias', torch.tensor(0.))
-        # Python counters, so that the branches below cost no device sync; saved via `get_extra_state`.
-        self.n_batches, self.n_items = 0, 0
+        self.register_buffer('running', torch.zeros(2, n_channels))   # the running sums and sums of squares
+        # The count and the step counters depend only on batch sizes: Python numbers, so that they cost
+        # no device op and no sync; saved with the model through `get_extra_state`.
+        self.count, self.n_batches, self.n_items = 0., 0, 0
 
-    def get_extra_state(self): return {'n_batches': self.n_batches, 'n_items': self.n_items}
-    def set_extra_state(self, state): self.n_batches, self.n_items = state['n_batches'], state['n_items']
+    def get_extra_state(self): return {'count': self.count, 'n_batches': self.n_batches, 'n_items': self.n_items}
+    def set_extra_state(self, state): self.count, self.n_batches, self.n_items = state['count'], state['n_batches'], state['n_items']
 
-    def update_stats(self, x):
-        "Fold the batch `x` into the running sums, squares and count (steps 1 and 2)."
-        batch_size = x.shape[0]
-        x = _stats_input(x)
-        self.sums.detach_(); self.sqrs.detach_()   # keep the gradient of this batch only
-        dims = (0, 2, 3)
-        batch_sums = x.sum(dims).view(-1, 1, 1)
-        batch_sqrs = (x * x).sum(dims).view(-1, 1, 1)
-        mom1 = 1 - (1 - self.mom) / math.sqrt(max(batch_size - 1, 1))
-        self.sums.lerp_(batch_sums.to(self.sums.dtype), mom1)
-        self.sqrs.lerp_(batch_sqrs.to(self.sqrs.dtype), mom1)
-        self.count.lerp_(torch.full_like(self.count, x.numel() / self.n_channels), mom1)
-        self.dbias.mul_(1 - mom1).add_(mom1)
-        self.n_batches += 1; self.n_items += batch_size
+    @property
+    def sums(self) -> torch.Tensor: "Running sums, per channel."; return self.running[0].view(-1, 1, 1)
+    @property
+    def sqrs(self) -> torch.Tensor: "Running sums of squares, per channel."; return self.running[1].view(-1, 1, 1)
+
+    def momentum(self, batch_size: int) -> float:
+        "The lesson's momentum for a batch of `batch_size` (step 2); a batch of one counts as a batch of two."
+        return 1 - (1 - self.mom) / math.sqrt(max(batch_size - 1, 1))
 
     def factor_offset(self):
-        "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5)."
-        sums, sqrs, count = self.sums, self.sqrs, self.count
-        if self.n_batches < 100: sums, sqrs, count = sums / self.dbias, sqrs / self.dbias, count / self.dbias
-        means = sums / count
-        varns = sqrs / count - means * means
-        varns = varns.clamp_min(self.warmup_var if self.n_items < self.warmup_items else 0.)
+        "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5), as used in eval mode."
+        means = self.sums / self.count
+        varns = (self.sqrs / self.count - means * means).clamp_min(self.warmup_var if self.n_items < self.warmup_items else 0.)
         factor = self.mults * torch.rsqrt(varns + self.eps)
         return factor, self.adds - means * factor
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
-        if self.training: self.update_stats(x)
-        elif self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
-        factor, offset = self.factor_offset()
-        return torch.addcmul(offset.to(x.dtype), x, factor.to(x.dtype))
+        if not self.training:
+            if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
+            factor, offset = self.factor_offset()
+            return torch.addcmul(offset.to(x.dtype), x, factor.to(x.dtype))
+        batch_size, mom1 = x.shape[0], self.momentum(x.shape[0])
+        self.count += mom1 * (x.numel() / self.n_channels - self.count)
+        self.n_batches += 1; self.n_items += batch_size
+        min_var = self.warmup_var if self.n_items < self.warmup_items else 0.
+        out = RunningBatchNormStep.apply(_stats_input(x), self.mults, self.adds, self.running,
+                                         mom1, self.count, min_var, self.eps)
+        return out.to(x.dtype)
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
 
