@@ -86,9 +86,9 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
-        n_channels = x.shape[1]
-        # one group of all the channels is LayerNorm; the one `mult` and `add` apply to every channel
-        return F.group_norm(x, 1, self.mult.expand(n_channels), self.add.expand(n_channels), self.eps)
+        item_shape = x.shape[1:]
+        # the one `mult` and `add`, expanded (a view, not a copy) to the per-element ones that `F.layer_norm` takes
+        return F.layer_norm(x, item_shape, self.mult.expand(item_shape), self.add.expand(item_shape), self.eps)
 
 # %% ../nbs/07_batchnorm.ipynb #c18092bb
 class InstanceNorm(nn.Module):
@@ -130,7 +130,7 @@ class RunningBatchNormStep(torch.autograd.Function):
         n = x.numel() // x.shape[1]
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
         running.mul_(1 - mom1).add_(torch.stack([mean, torch.addcmul(var, mean, mean)]), alpha=mom1 * n)
-        means, squares = running / count                                # E[x] and E[x²], per channel
+        means, squares = running.float() / count                        # E[x] and E[x²], per channel
         varns = torch.addcmul(squares, means, means, value=-1)
         unclamped = varns >= min_var
         varns = varns.clamp_min_(min_var)
@@ -200,7 +200,8 @@ class RunningBatchNorm(nn.Module):
         self.count += mom1 * (x.numel() / self.n_channels - self.count)
         self.n_batches += 1; self.n_items += batch_size
         min_var = self.warmup_var if self.n_items < self.warmup_items else 0.
-        out = RunningBatchNormStep.apply(_stats_input(x), self.mults, self.adds, self.running,
+        # in float32 for half-precision inputs and layers, like the other norms
+        out = RunningBatchNormStep.apply(_stats_input(x), self.mults.float(), self.adds.float(), self.running,
                                          mom1, self.count, min_var, self.eps)
         return out.to(x.dtype)
 
