@@ -189,6 +189,8 @@ def write_markdown(results, path):
     lines += raw_tables(comparisons) + ['']
     lines += memory_section(results['memory'])
     lines += profile_section(results['profiles'])
+    lines += ['', '## 7. Reading the figures', '',
+              'What each miss comes from, with the experiments behind it, is in [bench/README.md](README.md#reading-the-figures).']
     path.write_text('\n'.join(lines))
 
 

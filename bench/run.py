@@ -186,11 +186,13 @@ def measure_loop(data, sizes, rounds, log):
 
 
 def measure_stats(data, sizes, rounds, log):
-    "2. The same `Learner.fit` with and without `ActivationStats` on every GeneralRelu, every training batch."
+    "2. The same `Learner.fit` with and without `ActivationStats` on every GeneralRelu, every training batch;\n"
+    "   also with every activation counted in the histograms (`hist_sample=None`), for comparison."
     rows = []
     for bs in (512, 32):
         batches = make_batches(data, bs, *sizes[bs])
-        arms = {'without': learner_arm(bs), 'with ActivationStats': learner_arm(bs, extra_cbs=lambda: [ActivationStats()])}
+        arms = {'without': learner_arm(bs), 'with ActivationStats': learner_arm(bs, extra_cbs=lambda: [ActivationStats()]),
+                'with ActivationStats(hist_sample=None)': learner_arm(bs, extra_cbs=lambda: [ActivationStats(hist_sample=None)])}
         rows += compare('stats', bs, arms, 'without', batches, rounds, log)
     return rows
 
@@ -304,7 +306,7 @@ def measure_profiles(data, sizes, log, traces=None):
              ('ActivationStats', 32, {'without': learner_arm(32),
                                       'with ActivationStats': learner_arm(32, extra_cbs=lambda: [ActivationStats()])}),
              ('loop', 32, {'hand-written loop': loop_arm(32), 'Learner.fit': learner_arm(32)}),
-             ('norms', 512, {n: learner_arm(512, NORMS[n]) for n in ('nn.BatchNorm2d', 'BatchNorm', 'GroupNorm(4)', 'InstanceNorm')}),
+             ('norms', 512, {n: learner_arm(512, NORMS[n]) for n in NORMS}),
              ('norms', 2, {n: learner_arm(2, NORMS[n]) for n in ('nn.BatchNorm2d', 'RunningBatchNorm')})]
     for topic, bs, arms in plans:
         n_train, n_valid = sizes[bs]
