@@ -18,6 +18,7 @@ from hypothesis.extra import numpy as hnp
 from minifast.foundations import correlation, covariance, std, variance
 from minifast.losses import bce_with_logits
 from minifast.norms import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from minifast.hooks import sample_step
 
 EPS = torch.finfo(torch.float32).eps
 FAST = settings(max_examples=40, deadline=None, derandomize=True)
@@ -314,3 +315,25 @@ def test_group_norm_matches_torch(case, seed):
         theirs.weight.copy_(mults); theirs.bias.copy_(adds)
     per_item_group = lambda t: t.reshape(t.shape[0] * n_groups, -1)
     torch.testing.assert_close(ours(x), theirs(x), **norm_tolerance(x, per_item_group))
+
+
+# ---------------------------------------------------------------- ActivationStats' histogram sample
+@FAST
+@given(st.integers(1, 4_000_000), st.integers(1, 10_000))
+def test_sample_step_is_coprime_and_keeps_the_sample_small(n, max_samples):
+    "The step shares no factor with the size (so it cannot line up with rows or channels), and no smaller step would do."
+    step = sample_step(n, max_samples)
+    assert math.gcd(step, n) == 1
+    assert len(range(0, n, step)) <= max_samples
+    assert all(math.gcd(s, n) != 1 for s in range(-(-n // max_samples), step))
+
+
+@FAST
+@given(st.tuples(st.integers(1, 64), st.integers(1, 64), st.integers(1, 16), st.integers(1, 16)))
+def test_sampled_histogram_visits_every_channel(shape):
+    "Every channel of a batch of activations is in the histogram's sample (default size), when it has room for them all."
+    n = math.prod(shape)
+    channel_of = torch.arange(n).view(shape).div(shape[2] * shape[3], rounding_mode='floor').remainder(shape[1])
+    sampled = channel_of.view(-1)[::sample_step(n, 4096)]
+    assume(len(sampled) >= 4 * shape[1])
+    assert sampled.unique().numel() == shape[1]
