@@ -175,43 +175,38 @@ def compare(measure, batch_size, arms, reference, batches, rounds, log, note='')
     return rows
 
 
+def compare_at(measure, reference, make_arms, data, sizes, rounds, log, batch_sizes=(512, 32)):
+    "`compare` the arms `make_arms(batch_size)` against `reference` at each of `batch_sizes`."
+    rows = []
+    for bs in batch_sizes:
+        rows += compare(measure, bs, make_arms(bs), reference, make_batches(data, bs, *sizes[bs]), rounds, log)
+    return rows
+
+
 def measure_loop(data, sizes, rounds, log):
     "1. `Learner.fit` against a hand-written loop over the same batches."
-    rows = []
-    for bs in (512, 32):
-        batches = make_batches(data, bs, *sizes[bs])
-        arms = {'hand-written loop': loop_arm(bs), 'Learner.fit': learner_arm(bs)}
-        rows += compare('loop', bs, arms, 'hand-written loop', batches, rounds, log)
-    return rows
+    arms = lambda bs: {'hand-written loop': loop_arm(bs), 'Learner.fit': learner_arm(bs)}
+    return compare_at('loop', 'hand-written loop', arms, data, sizes, rounds, log)
 
 
 def measure_stats(data, sizes, rounds, log):
-    "2. The same `Learner.fit` with and without `ActivationStats` on every GeneralRelu, every training batch;\n"
-    "   also with every activation counted in the histograms (`hist_sample=None`), for comparison."
-    rows = []
-    for bs in (512, 32):
-        batches = make_batches(data, bs, *sizes[bs])
-        arms = {'without': learner_arm(bs), 'with ActivationStats': learner_arm(bs, extra_cbs=lambda: [ActivationStats()]),
-                'with ActivationStats(hist_sample=None)': learner_arm(bs, extra_cbs=lambda: [ActivationStats(hist_sample=None)])}
-        rows += compare('stats', bs, arms, 'without', batches, rounds, log)
-    return rows
+    """2. The same `Learner.fit` with and without `ActivationStats` on every GeneralRelu, every training batch;
+    also with every activation counted in the histograms (`hist_sample=None`), for comparison."""
+    arms = lambda bs: {'without': learner_arm(bs),
+                       'with ActivationStats': learner_arm(bs, extra_cbs=lambda: [ActivationStats()]),
+                       'with ActivationStats(hist_sample=None)': learner_arm(bs, extra_cbs=lambda: [ActivationStats(hist_sample=None)])}
+    return compare_at('stats', 'without', arms, data, sizes, rounds, log)
 
 
 def measure_norms(data, sizes, rounds, log):
     "3 and 4. Each norm layer, and RunningBatchNorm, against nn.BatchNorm2d in the same CNN."
-    rows = []
-    for bs in (512, 32):
-        batches = make_batches(data, bs, *sizes[bs])
-        arms = {name: learner_arm(bs, norm) for name, norm in NORMS.items()}
-        for row in compare('norms', bs, arms, 'nn.BatchNorm2d', batches, rounds, log):
-            if row['arm'] == 'RunningBatchNorm':
-                row['measure'], row['target'] = 'rbn', TARGETS.get(('rbn', 'RunningBatchNorm', bs))
-            rows.append(row)
-    bs = 2
-    batches = make_batches(data, bs, *sizes[bs])
-    arms = {name: learner_arm(bs, NORMS[name]) for name in ('nn.BatchNorm2d', 'RunningBatchNorm')}
-    rows += compare('rbn', bs, arms, 'nn.BatchNorm2d', batches, rounds, log)
-    return rows
+    rows = compare_at('norms', 'nn.BatchNorm2d', lambda bs: {name: learner_arm(bs, norm) for name, norm in NORMS.items()},
+                      data, sizes, rounds, log)
+    for row in rows:
+        if row['arm'] == 'RunningBatchNorm':
+            row['measure'], row['target'] = 'rbn', TARGETS.get(('rbn', 'RunningBatchNorm', row['batch_size']))
+    rbn_arms = lambda bs: {name: learner_arm(bs, NORMS[name]) for name in ('nn.BatchNorm2d', 'RunningBatchNorm')}
+    return rows + compare_at('rbn', 'nn.BatchNorm2d', rbn_arms, data, sizes, rounds, log, batch_sizes=(2,))
 
 
 # --- memory ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""BatchNorm, LayerNorm, InstanceNorm, GroupNorm and RunningBatchNorm, each built from scratch, checked against PyTorch, and compared on accuracy and speed from large batches down to a batch of two.
+"""BatchNorm, LayerNorm, InstanceNorm, GroupNorm and RunningBatchNorm, each written out from scratch and checked against PyTorch, exported on PyTorch's fused kernels for speed, and compared on accuracy and speed from large batches down to a batch of two.
 
 Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
