@@ -9,12 +9,13 @@ shapes, tiny batches, constant inputs and half precision.
 Everything is tiny (a few dozen 8x8 images, models with a few hundred weights): the whole file runs
 in a few seconds on two CPU cores.
 """
-import copy, gc, os, weakref
+import collections, contextlib, copy, gc, os, weakref
 from functools import partial
 
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 from fastprogress.fastprogress import ConsoleMasterBar, ConsoleProgressBar
 
 import minifast.learner as learner_module
@@ -22,7 +23,7 @@ from minifast.foundations import set_seed
 from minifast.data import DataLoaders
 from minifast.losses import cross_entropy
 from minifast.learner import Callback, Learner, NonFiniteLossError, ProgressCallback, progress_wanted
-from minifast.schedule import Recorder
+from minifast.schedule import Recorder, one_cycle
 from minifast.lr_finder import LRFinder, lr_find
 from minifast.hooks import (ActivationStats, BatchTransformXCallback, Hook, HookRemovedError, Hooks,
                             get_cnn_model, view_tfm)
@@ -546,6 +547,45 @@ def test_activation_stats_attached_to_the_learner_leaves_no_hook():
         learn.fit(1)
         assert n_forward_hooks(model) == 0 and stats.n_recorded == 3
 
+
+
+HOST_READS = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
+
+@contextlib.contextmanager
+def counting_host_reads():
+    "Count calls of the tensor methods that copy a value to the host (a sync on a GPU) inside the `with` block."
+    counts = collections.Counter()
+    with pytest.MonkeyPatch.context() as patcher:
+        for name in HOST_READS:
+            def counted(self, *args, _name=name, _original=getattr(torch.Tensor, name), **kwargs):
+                counts[_name] += 1
+                return _original(self, *args, **kwargs)
+            patcher.setattr(torch.Tensor, name, counted)
+        yield counts
+
+
+def test_no_host_read_per_batch_with_activation_stats():
+    """The CPU stand-in for "no host sync per batch" (issue #5; the count with `torch.cuda.set_sync_debug_mode`
+    needs a GPU): a fit with the default callbacks, a one-cycle schedule, RunningBatchNorm and ActivationStats,
+    with `nonfinite='ignore'` (the one documented per-batch read is the non-finite check), reads values back to
+    the host as often with 12 training batches per epoch as with 3: only at the ends of epochs and of the fit.
+    The loss is `F.cross_entropy`: minifast's `cross_entropy` checks the labels' range, which reads them, but only
+    when they are on the CPU (no device is involved then)."""
+    def host_reads(n_train):
+        set_seed(0)
+        learn = Learner(tiny_cnn(RunningBatchNorm), tiny_dls(n_train=n_train), F.cross_entropy, lr=0.1, nonfinite='ignore',
+                        cbs=[BatchTransformXCallback(view_tfm(1, SIDE, SIDE)), ActivationStats(), *one_cycle(0.1)])
+        learn.metrics.printer = None
+        with counting_host_reads() as counts: learn.fit(2)
+        assert len(learn.dls.train) == n_train // 16
+        return counts
+    few, many = host_reads(48), host_reads(192)
+    assert sum(few.values()) > 0          # the counting works: the epochs' metrics are read back
+    assert many == few, (few, many)
+    learn = Learner(tiny_cnn(), tiny_dls(), F.cross_entropy, lr=0.1,   # with the default check: a read per batch
+                    cbs=BatchTransformXCallback(view_tfm(1, SIDE, SIDE)))
+    with counting_host_reads() as counts: learn.fit(1)
+    assert counts['item'] >= len(learn.dls.train)
 
 # ---------------------------------------------------------------- 8. lr_find puts everything back
 class Spy(Callback):
