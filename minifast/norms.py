@@ -6,7 +6,8 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
 # %% auto #0
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
-           'GroupNorm', 'RunningBatchNormStep', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
+           'GroupNorm', 'running_moments', 'RunningBatchNormStep', 'RunningBatchNorm', 'NormComparison',
+           'compare_norms']
 
 # %% ../nbs/07_batchnorm.ipynb #284d4df6
 import math, time
@@ -122,6 +123,11 @@ class GroupNorm(nn.Module):
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
 # %% ../nbs/07_batchnorm.ipynb #8a00652f
+def running_moments(running, count):
+    "Per-channel mean and variance (not yet clamped) from running sums and sums of squares `running` (2, C) over `count` items."
+    means, squares = running / count                                  # E[x] and E[x²]
+    return means, torch.addcmul(squares, means, means, value=-1)      # E[x²] − E[x]²
+
 class RunningBatchNormStep(torch.autograd.Function):
     "One training step of `RunningBatchNorm`, with a backward pass written out so that it costs what BatchNorm's does."
     @staticmethod
@@ -130,8 +136,7 @@ class RunningBatchNormStep(torch.autograd.Function):
         n = x.numel() // x.shape[1]
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
         running.mul_(1 - mom1).add_(torch.stack([mean, torch.addcmul(var, mean, mean)]), alpha=mom1 * n)
-        means, squares = running.float() / count                        # E[x] and E[x²], per channel
-        varns = torch.addcmul(squares, means, means, value=-1)
+        means, varns = running_moments(running.float(), count)
         unclamped = varns >= min_var
         varns = varns.clamp_min_(min_var)
         ctx.save_for_backward(x, mults, means, varns, unclamped)
@@ -183,12 +188,23 @@ class RunningBatchNorm(nn.Module):
         "The lesson's momentum for a batch of `batch_size` (step 2); a batch of one counts as a batch of two."
         return 1 - (1 - self.mom) / math.sqrt(max(batch_size - 1, 1))
 
+    @property
+    def min_var(self) -> float:
+        "The floor on the variance: `warmup_var` until `warmup_items` items have been seen (step 4), then 0."
+        return self.warmup_var if self.n_items < self.warmup_items else 0.
+
+    def count_batch(self, batch_size: int, items_per_channel: int) -> float:
+        "Advance the count and the step counters for a training batch; returns its momentum."
+        mom1 = self.momentum(batch_size)
+        self.count += mom1 * (items_per_channel - self.count)
+        self.n_batches += 1; self.n_items += batch_size
+        return mom1
+
     def factor_offset(self):
         "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5), as used in eval mode."
-        means = self.sums / self.count
-        varns = (self.sqrs / self.count - means * means).clamp_min(self.warmup_var if self.n_items < self.warmup_items else 0.)
-        factor = self.mults * torch.rsqrt(varns + self.eps)
-        return factor, self.adds - means * factor
+        means, varns = running_moments(self.running, self.count)
+        factor = self.mults * torch.rsqrt(varns.clamp_min(self.min_var) + self.eps).view(-1, 1, 1)
+        return factor, self.adds - means.view(-1, 1, 1) * factor
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
@@ -196,13 +212,10 @@ class RunningBatchNorm(nn.Module):
             if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
             factor, offset = self.factor_offset()
             return torch.addcmul(offset.to(x.dtype), x, factor.to(x.dtype))
-        batch_size, mom1 = x.shape[0], self.momentum(x.shape[0])
-        self.count += mom1 * (x.numel() / self.n_channels - self.count)
-        self.n_batches += 1; self.n_items += batch_size
-        min_var = self.warmup_var if self.n_items < self.warmup_items else 0.
+        mom1 = self.count_batch(x.shape[0], x.numel() / self.n_channels)
         # in float32 for half-precision inputs and layers, like the other norms
         out = RunningBatchNormStep.apply(_stats_input(x), self.mults.float(), self.adds.float(), self.running,
-                                         mom1, self.count, min_var, self.eps)
+                                         mom1, self.count, self.min_var, self.eps)
         return out.to(x.dtype)
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'

@@ -548,8 +548,8 @@ def test_activation_stats_attached_to_the_learner_leaves_no_hook():
         assert n_forward_hooks(model) == 0 and stats.n_recorded == 3
 
 
-
 HOST_READS = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
+
 
 @contextlib.contextmanager
 def counting_host_reads():
@@ -586,6 +586,7 @@ def test_no_host_read_per_batch_with_activation_stats():
                     cbs=BatchTransformXCallback(view_tfm(1, SIDE, SIDE)))
     with counting_host_reads() as counts: learn.fit(1)
     assert counts['item'] >= len(learn.dls.train)
+
 
 # ---------------------------------------------------------------- 8. lr_find puts everything back
 class Spy(Callback):
