@@ -6,7 +6,8 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 
 # %% auto #0
 __all__ = ['EVENTS', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException', 'NonFiniteLossError', 'Callback',
-           'Learner', 'TrainEvalCallback', 'MetricsCallback', 'progress_wanted', 'ProgressCallback']
+           'Learner', 'snapshot_state', 'restore_state', 'TrainEvalCallback', 'MetricsCallback', 'progress_wanted',
+           'ProgressCallback']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
 import math, os, re, sys, tempfile
@@ -115,6 +116,7 @@ class Learner(Learner):
         self.xb, self.yb = xb, yb
         try:
             self('before_batch')
+            if self.in_train and self.nonfinite == 'skip': self._before_forward = snapshot_state(self.model)
             self.pred = self.model(self.xb)
             self('after_pred')
             try: self.loss = self.loss_func(self.pred, self.yb)
@@ -136,6 +138,7 @@ class Learner(Learner):
     def _check_finite(self):
         if math.isfinite(self.loss.item()): return   # one host read; free on the CPU
         if self.nonfinite == 'skip':
+            restore_state(self._before_forward)   # undo what the forward pass did to BatchNorm's running statistics
             self.n_skipped_batches += 1
             raise CancelBatchException()
         raise NonFiniteLossError(f"the training loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}; "
@@ -181,6 +184,21 @@ class Learner(Learner):
         else: self._after_fit(None)
         finally: self.remove_cbs(cbs)
         return self
+
+# %% ../nbs/03_learner.ipynb #d575f034
+def snapshot_state(model: nn.Module):
+    "Copies of what a forward pass in training mode may change besides the weights: buffers and modules' extra state."
+    buffers = [(buf, buf.clone()) for buf in model.buffers()]
+    extra = [(m, m.get_extra_state()) for m in model.modules()
+             if type(m).get_extra_state is not nn.Module.get_extra_state]
+    return buffers, extra
+
+def restore_state(snapshot):
+    "Put back the buffers and extra state saved by `snapshot_state`, in place."
+    buffers, extra = snapshot
+    with torch.no_grad():
+        for buf, saved in buffers: buf.copy_(saved)
+    for m, state in extra: m.set_extra_state(state)
 
 # %% ../nbs/03_learner.ipynb #9db1da6e
 class TrainEvalCallback(Callback):
