@@ -56,13 +56,16 @@ def raw_tables(comparisons):
         arms = [reference] + [c['arm'] for c in cs]
         seconds = [cs[0]['ref_seconds']] + [c['seconds'] for c in cs]
         losses = [cs[0]['ref_losses']] + [c['losses'] for c in cs]
+        warmups = [cs[0].get('ref_warmup_s')] + [c.get('warmup_s') for c in cs]
         lines += ['', f"**Batch size {bs}, reference {reference}** ({batches}); seconds per epoch, round by round, "
-                  'and (last column) the validation loss each arm reached in every round:', '',
-                  '| arm | ' + ' | '.join(f'round {r + 1}' for r in range(len(seconds[0]))) + ' | valid loss |',
-                  '|---|' + '---:|' * (len(seconds[0]) + 1)]
-        for arm, secs, loss in zip(arms, seconds, losses):
+                  'the untimed warm-up on three training batches and one validation batch (first calls; compiling, '
+                  'for compiled arms), and the validation loss each arm reached in every round:', '',
+                  '| arm | ' + ' | '.join(f'round {r + 1}' for r in range(len(seconds[0]))) + ' | warm-up | valid loss |',
+                  '|---|' + '---:|' * (len(seconds[0]) + 2)]
+        for arm, secs, warmup, loss in zip(arms, seconds, warmups, losses):
             loss_text = f'{loss[0]:.4f}' if max(loss) - min(loss) < 1e-6 else f'{min(loss):.4f}–{max(loss):.4f}'
-            lines.append(f'| {arm} | ' + ' | '.join(f'{s:.3f}' for s in secs) + f' | {loss_text} |')
+            warmup_text = '' if warmup is None else f'{warmup:.2f}'
+            lines.append(f'| {arm} | ' + ' | '.join(f'{s:.3f}' for s in secs) + f' | {warmup_text} | {loss_text} |')
     return lines
 
 

@@ -52,10 +52,14 @@ NORMS = {
     'RunningBatchNorm': RunningBatchNorm,
 }
 
+# RunningBatchNorm training through torch.compile: measured next to the default, as the notebook's opt-in
+RBN_COMPILED = 'RunningBatchNorm(compiled=True)'
+
 # Targets from the issue: (measure, arm, batch size) -> the most the median ratio may be.
 TARGETS = {('loop', 'Learner.fit', 512): 1.03, ('loop', 'Learner.fit', 32): 1.05,
            ('stats', 'with ActivationStats', 512): 1.10, ('stats', 'with ActivationStats', 32): 1.10,
-           ('rbn', 'RunningBatchNorm', 512): 1.05, ('rbn', 'RunningBatchNorm', 2): 1.15}
+           ('rbn', 'RunningBatchNorm', 512): 1.05, ('rbn', 'RunningBatchNorm', 2): 1.15,
+           ('rbn', RBN_COMPILED, 512): 1.05, ('rbn', RBN_COMPILED, 2): 1.15}
 for _norm in ('BatchNorm', 'LayerNorm', 'GroupNorm(4)', 'InstanceNorm'):
     for _bs in (512, 32): TARGETS[('norms', _norm, _bs)] = 1.10
 
@@ -142,7 +146,9 @@ def interleave(arms, batches, rounds, log):
     "Time one epoch of each arm per round, in an order that rotates each round; seconds and valid losses per arm."
     names = list(arms)
     warm = batches.head(3, 1)
-    for name in names: arms[name](warm)()  # untimed: first calls allocate and pick kernels
+    first_s = {}
+    for name in names:  # untimed: first calls allocate, pick kernels and, for compiled arms, compile
+        start = time.perf_counter(); arms[name](warm)(); first_s[name] = time.perf_counter() - start
     seconds, losses = {n: [] for n in names}, {n: [] for n in names}
     for r in range(rounds):
         shift = r % len(names)
@@ -154,13 +160,13 @@ def interleave(arms, batches, rounds, log):
             seconds[name].append(time.perf_counter() - start)
             losses[name].append(loss)
         log(f'    round {r + 1}/{rounds}: ' + ', '.join(f'{n} {seconds[n][-1]:.2f}s' for n in names))
-    return seconds, losses
+    return seconds, losses, first_s
 
 
 def compare(measure, batch_size, arms, reference, batches, rounds, log, note=''):
     "Interleave `arms` and turn the seconds into one comparison per arm against `reference`."
     log(f'  {measure} at batch size {batch_size}: {", ".join(arms)} ({batches.describe()}, {rounds} rounds)')
-    seconds, losses = interleave(arms, batches, rounds, log)
+    seconds, losses, first_s = interleave(arms, batches, rounds, log)
     rows = []
     for name in arms:
         if name == reference: continue
@@ -168,7 +174,7 @@ def compare(measure, batch_size, arms, reference, batches, rounds, log, note='')
         rows.append(dict(measure=measure, arm=name, reference=reference, batch_size=batch_size,
                          batches=batches.describe(), rounds=rounds, ratios=ratios,
                          median=statistics.median(ratios), seconds=seconds[name], ref_seconds=seconds[reference],
-                         losses=losses[name], ref_losses=losses[reference],
+                         losses=losses[name], ref_losses=losses[reference], warmup_s=first_s[name], ref_warmup_s=first_s[reference],
                          target=TARGETS.get((measure, name, batch_size)), note=note))
         log(f'    -> {name} / {reference}: median {rows[-1]["median"]:.3f} '
             f'(rounds {min(ratios):.3f}..{max(ratios):.3f})')
@@ -199,13 +205,14 @@ def measure_stats(data, sizes, rounds, log):
 
 
 def measure_norms(data, sizes, rounds, log):
-    "3 and 4. Each norm layer, and RunningBatchNorm, against nn.BatchNorm2d in the same CNN."
-    rows = compare_at('norms', 'nn.BatchNorm2d', lambda bs: {name: learner_arm(bs, norm) for name, norm in NORMS.items()},
+    "3 and 4. Each norm layer, and RunningBatchNorm (as it is and compiled), against nn.BatchNorm2d in the same CNN."
+    norms = {**NORMS, RBN_COMPILED: partial(RunningBatchNorm, compiled=True)}
+    rows = compare_at('norms', 'nn.BatchNorm2d', lambda bs: {name: learner_arm(bs, norm) for name, norm in norms.items()},
                       data, sizes, rounds, log)
     for row in rows:
-        if row['arm'] == 'RunningBatchNorm':
-            row['measure'], row['target'] = 'rbn', TARGETS.get(('rbn', 'RunningBatchNorm', row['batch_size']))
-    rbn_arms = lambda bs: {name: learner_arm(bs, NORMS[name]) for name in ('nn.BatchNorm2d', 'RunningBatchNorm')}
+        if row['arm'].startswith('RunningBatchNorm'):
+            row['measure'], row['target'] = 'rbn', TARGETS.get(('rbn', row['arm'], row['batch_size']))
+    rbn_arms = lambda bs: {name: learner_arm(bs, norms[name]) for name in ('nn.BatchNorm2d', 'RunningBatchNorm', RBN_COMPILED)}
     return rows + compare_at('rbn', 'nn.BatchNorm2d', rbn_arms, data, sizes, rounds, log, batch_sizes=(2,))
 
 

@@ -6,8 +6,8 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
 # %% auto #0
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
-           'GroupNorm', 'running_moments', 'RunningBatchNormStep', 'RunningBatchNorm', 'NormComparison',
-           'compare_norms']
+           'GroupNorm', 'running_moments', 'RunningBatchNormStep', 'RunningBatchNorm', 'running_batch_norm_step',
+           'compiled_running_step', 'NormComparison', 'compare_norms']
 
 # %% ../nbs/07_batchnorm.ipynb #284d4df6
 import math, time
@@ -165,9 +165,10 @@ class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with running statistics in training too, for tiny batches (lesson 10)."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
                  warmup_items: int = 20, # clamp the variance for this many items seen
-                 warmup_var: float = 0.01): # ... to at least this
+                 warmup_var: float = 0.01, # ... to at least this
+                 compiled: bool = False): # train through `torch.compile` (see `compiled_running_step`): for large batches
         super().__init__()
-        self.n_channels, self.mom, self.eps = n_channels, mom, eps
+        self.n_channels, self.mom, self.eps, self.compiled = n_channels, mom, eps, compiled
         self.warmup_items, self.warmup_var = warmup_items, warmup_var
         self.mults = nn.Parameter(torch.ones(n_channels, 1, 1))
         self.adds = nn.Parameter(torch.zeros(n_channels, 1, 1))
@@ -213,12 +214,37 @@ class RunningBatchNorm(nn.Module):
             factor, offset = self.factor_offset()
             return torch.addcmul(offset.to(x.dtype), x, factor.to(x.dtype))
         mom1 = self.count_batch(x.shape[0], x.numel() / self.n_channels)
+        step = compiled_running_step if self.compiled else RunningBatchNormStep.apply
         # in float32 for half-precision inputs and layers, like the other norms
-        out = RunningBatchNormStep.apply(_stats_input(x), self.mults.float(), self.adds.float(), self.running,
-                                         mom1, self.count, self.min_var, self.eps)
+        out = step(_stats_input(x), self.mults.float(), self.adds.float(), self.running, mom1, self.count, self.min_var, self.eps)
         return out.to(x.dtype)
 
-    def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}'
+    def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}' + (', compiled=True' if self.compiled else '')
+
+# %% ../nbs/07_batchnorm.ipynb #38a86b5b
+def running_batch_norm_step(x, mults, adds, running, mom1, count, min_var, eps: float):
+    "Steps 1 to 5 in plain tensor operations, for autograd to differentiate; folds the batch into `running` in place."
+    batch = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
+    new = torch.lerp(running, batch, mom1)            # the history is constant; this batch keeps its gradient
+    running.copy_(new.detach())
+    means, varns = running_moments(new, count)
+    factor = mults.view(-1) * torch.rsqrt(varns.clamp_min(min_var) + eps)
+    return x * factor.view(-1, 1, 1) + (adds.view(-1) - means * factor).view(-1, 1, 1)
+
+# %% ../nbs/07_batchnorm.ipynb #455ecf69
+_compiled_step = None
+
+def compiled_running_step(x, mults, adds, running, mom1: float, count: float, min_var: float, eps: float):
+    "`running_batch_norm_step` through `torch.compile`, compiled on first use: one kernel per layer shape, any batch size."
+    global _compiled_step
+    if _compiled_step is None: _compiled_step = torch.compile(running_batch_norm_step, dynamic=False)
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    numbers = [torch.tensor(v, dtype=torch.float32) for v in (mom1, count, min_var)]
+    try: return _compiled_step(x, mults, adds, running, *numbers, eps)
+    except Exception as e:
+        e.add_note("minifast: raised in RunningBatchNorm's compiled step (compiled=True); torch.compile needs a C++ compiler "
+                   "on the CPU and Triton on a GPU. RunningBatchNorm(compiled=False), the default, needs neither.")
+        raise
 
 # %% ../nbs/07_batchnorm.ipynb #0fde1905
 DEFAULT_NORMS = {

@@ -706,6 +706,32 @@ def test_running_batch_norm_on_constant_input_is_finite(value, batch_size):
     assert torch.isfinite(rbn(x)).all()
 
 
+def test_compiled_running_batch_norm_is_finite_where_the_default_is():
+    "compiled=True (torch.compile of the plain step): a batch of one, a constant batch, and half precision."
+    torch.manual_seed(0)
+    for x in [torch.randn(1, 3, 4, 4), torch.full((16, 3, 4, 4), 1e3)]:
+        ours, compiled = RunningBatchNorm(3), RunningBatchNorm(3, compiled=True)
+        for step in range(25):                                 # through the warm-up and past it
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            out1, out2 = ours(x1), compiled(x2)
+            out1.sum().backward(); out2.sum().backward()
+            assert torch.isfinite(out2).all() and torch.isfinite(x2.grad).all(), step
+            assert out2.abs().max() <= 1e3                     # constant in, bounded out
+            # a constant batch leaves only rounding in x − mean, which the two steps round differently
+            if x.shape[0] == 1: torch.testing.assert_close(out2, out1, atol=1e-4, rtol=1e-4)
+    half = compiled(torch.randn(16, 3, 4, 4).half())
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+
+
+def test_compiled_running_batch_norm_names_itself_when_compiling_fails(monkeypatch):
+    import minifast.norms as norms_module
+    def no_compiler(*args): raise RuntimeError('no C++ compiler found')
+    monkeypatch.setattr(norms_module, '_compiled_step', no_compiler)
+    with pytest.raises(RuntimeError, match='no C\\+\\+ compiler') as info:
+        RunningBatchNorm(3, compiled=True)(torch.randn(4, 3, 2, 2))
+    assert any('compiled=True' in note and 'compiled=False' in note for note in info.value.__notes__)
+
+
 def test_running_batch_norm_in_eval_before_training_is_a_clear_error():
     with pytest.raises(RuntimeError, match='no statistics yet'): RunningBatchNorm(3).eval()(torch.randn(2, 3, 2, 2))
 
