@@ -10,7 +10,7 @@ __all__ = ['EVENTS', 'CancelTrainException', 'CancelEpochException', 'CancelBatc
            'ProgressCallback']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
-import math, os, re, sys, tempfile
+import copy, math, os, re, sys, tempfile
 from pathlib import Path
 import torch
 from torch import nn
@@ -72,6 +72,7 @@ class Learner:
             raise ValueError(f"Learner: nonfinite must be 'raise', 'skip' or 'ignore', got {nonfinite!r}")
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.nonfinite, self.n_skipped_batches = nonfinite, 0
+        self._before_forward = None   # with nonfinite='skip': the model's state before this batch's forward pass
         groups = [{'params': list(g)} for g in splitter(model)] if splitter else list(model.parameters())
         self.opt = opt_func(groups, lr=lr)
         self.cbs, self._dispatch = [], {}
@@ -110,6 +111,24 @@ class Learner:
                 raise
         return skip
 
+# %% ../nbs/03_learner.ipynb #d575f034
+def snapshot_state(model: nn.Module # the model about to run a training forward pass
+                  ) -> tuple:
+    "Copies of what a forward pass in training mode may change besides the weights: buffers and modules' extra state."
+    buffers = [(m, name, buf, buf.clone()) for m in model.modules() for name, buf in m.named_buffers(recurse=False)]
+    extra = [(m, copy.deepcopy(m.get_extra_state())) for m in model.modules()
+             if type(m).get_extra_state is not nn.Module.get_extra_state]
+    return buffers, extra
+
+def restore_state(snapshot: tuple): # what `snapshot_state` returned
+    "Put back the buffers and extra state saved by `snapshot_state`."
+    buffers, extra = snapshot
+    with torch.no_grad():
+        for m, name, buf, saved in buffers:
+            if getattr(m, name) is buf: buf.copy_(saved)   # changed in place, as BatchNorm's running statistics are
+            else: setattr(m, name, saved)                 # replaced by the forward pass
+    for m, state in extra: m.set_extra_state(state)
+
 # %% ../nbs/03_learner.ipynb #30323901
 class Learner(Learner):
     def _one_batch(self, xb, yb):
@@ -136,9 +155,10 @@ class Learner(Learner):
         self('after_batch')
 
     def _check_finite(self):
+        before, self._before_forward = self._before_forward, None
         if math.isfinite(self.loss.item()): return   # one host read; free on the CPU
         if self.nonfinite == 'skip':
-            restore_state(self._before_forward)   # undo what the forward pass did to BatchNorm's running statistics
+            restore_state(before)   # undo what the forward pass did to BatchNorm's running statistics
             self.n_skipped_batches += 1
             raise CancelBatchException()
         raise NonFiniteLossError(f"the training loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}; "
@@ -184,21 +204,6 @@ class Learner(Learner):
         else: self._after_fit(None)
         finally: self.remove_cbs(cbs)
         return self
-
-# %% ../nbs/03_learner.ipynb #d575f034
-def snapshot_state(model: nn.Module):
-    "Copies of what a forward pass in training mode may change besides the weights: buffers and modules' extra state."
-    buffers = [(buf, buf.clone()) for buf in model.buffers()]
-    extra = [(m, m.get_extra_state()) for m in model.modules()
-             if type(m).get_extra_state is not nn.Module.get_extra_state]
-    return buffers, extra
-
-def restore_state(snapshot):
-    "Put back the buffers and extra state saved by `snapshot_state`, in place."
-    buffers, extra = snapshot
-    with torch.no_grad():
-        for buf, saved in buffers: buf.copy_(saved)
-    for m, state in extra: m.set_extra_state(state)
 
 # %% ../nbs/03_learner.ipynb #9db1da6e
 class TrainEvalCallback(Callback):

@@ -6,8 +6,8 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
 # %% auto #0
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
-           'GroupNorm', 'running_moments', 'RunningBatchNormStep', 'RunningBatchNorm', 'running_batch_norm_step',
-           'compiled_running_step', 'NormComparison', 'compare_norms']
+           'GroupNorm', 'running_moments', 'RunningBatchNormStep', 'running_batch_norm_step', 'compiled_running_step',
+           'RunningBatchNorm', 'NormComparison', 'compare_norms']
 
 # %% ../nbs/07_batchnorm.ipynb #284d4df6
 import math, time
@@ -160,6 +160,39 @@ class RunningBatchNormStep(torch.autograd.Function):
         grad_x = grad_x.addcmul_(x, c.view(-1, 1, 1)).add_(b.view(-1, 1, 1))
         return grad_x, grad_mults.view_as(mults), grad_adds.view_as(mults), None, None, None, None, None
 
+# %% ../nbs/07_batchnorm.ipynb #38a86b5b
+def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, height, width)
+                            mults: torch.Tensor, adds: torch.Tensor, # the layer's parameters, (channels, 1, 1)
+                            running: torch.Tensor, # running sums and sums of squares, (2, channels): updated in place
+                            mom1, # this batch's momentum (step 2)
+                            count, # the running count of items per channel, this batch included
+                            min_var, # the floor on the variance (step 4)
+                            eps: float) -> torch.Tensor:
+    "Steps 1 to 5 in plain tensor operations, for autograd to differentiate; folds the batch into `running` in place."
+    batch = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
+    new = torch.lerp(running.float(), batch, mom1)    # the history is constant; this batch keeps its gradient
+    running.copy_(new.detach())
+    means, varns = running_moments(new, count)
+    factor = mults.view(-1) * torch.rsqrt(varns.clamp_min(min_var) + eps)
+    return x * factor.view(-1, 1, 1) + (adds.view(-1) - means * factor).view(-1, 1, 1)
+
+# %% ../nbs/07_batchnorm.ipynb #455ecf69
+_compiled_step = None
+
+def compiled_running_step(x, mults, adds, running, # as for `running_batch_norm_step`
+                          mom1: float, count: float, min_var: float, # Python numbers, passed on as tensors
+                          eps: float) -> torch.Tensor:
+    "`running_batch_norm_step` through `torch.compile`, compiled on first use: one kernel per layer shape, any batch size."
+    global _compiled_step
+    if _compiled_step is None: _compiled_step = torch.compile(running_batch_norm_step, dynamic=False)
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    numbers = [torch.tensor(v, dtype=torch.float32) for v in (mom1, count, min_var)]
+    try: return _compiled_step(x, mults, adds, running, *numbers, eps)
+    except Exception as e:
+        e.add_note("minifast: raised in RunningBatchNorm's compiled step (compiled=True). If compiling failed: torch.compile "
+                   "needs a C++ compiler on the CPU and Triton on a GPU; RunningBatchNorm(compiled=False), the default, needs neither.")
+        raise
+
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with running statistics in training too, for tiny batches (lesson 10)."
@@ -220,31 +253,6 @@ class RunningBatchNorm(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}' + (', compiled=True' if self.compiled else '')
-
-# %% ../nbs/07_batchnorm.ipynb #38a86b5b
-def running_batch_norm_step(x, mults, adds, running, mom1, count, min_var, eps: float):
-    "Steps 1 to 5 in plain tensor operations, for autograd to differentiate; folds the batch into `running` in place."
-    batch = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
-    new = torch.lerp(running, batch, mom1)            # the history is constant; this batch keeps its gradient
-    running.copy_(new.detach())
-    means, varns = running_moments(new, count)
-    factor = mults.view(-1) * torch.rsqrt(varns.clamp_min(min_var) + eps)
-    return x * factor.view(-1, 1, 1) + (adds.view(-1) - means * factor).view(-1, 1, 1)
-
-# %% ../nbs/07_batchnorm.ipynb #455ecf69
-_compiled_step = None
-
-def compiled_running_step(x, mults, adds, running, mom1: float, count: float, min_var: float, eps: float):
-    "`running_batch_norm_step` through `torch.compile`, compiled on first use: one kernel per layer shape, any batch size."
-    global _compiled_step
-    if _compiled_step is None: _compiled_step = torch.compile(running_batch_norm_step, dynamic=False)
-    torch._dynamo.maybe_mark_dynamic(x, 0)
-    numbers = [torch.tensor(v, dtype=torch.float32) for v in (mom1, count, min_var)]
-    try: return _compiled_step(x, mults, adds, running, *numbers, eps)
-    except Exception as e:
-        e.add_note("minifast: raised in RunningBatchNorm's compiled step (compiled=True); torch.compile needs a C++ compiler "
-                   "on the CPU and Triton on a GPU. RunningBatchNorm(compiled=False), the default, needs neither.")
-        raise
 
 # %% ../nbs/07_batchnorm.ipynb #0fde1905
 DEFAULT_NORMS = {

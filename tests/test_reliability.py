@@ -349,7 +349,8 @@ def test_skipped_batches_do_not_poison_the_epoch_metrics():
     assert torch.isfinite(torch.tensor(learn.metrics.history[-1]['train_loss']))
 
 
-@pytest.mark.parametrize('norm', [BatchNorm, RunningBatchNorm])
+@pytest.mark.parametrize('norm', [BatchNorm, RunningBatchNorm, partial(RunningBatchNorm, compiled=True)],
+                         ids=['BatchNorm', 'RunningBatchNorm', 'RunningBatchNorm-compiled'])
 def test_skipped_batch_leaves_no_trace_in_running_statistics(norm):
     "A NaN from the data is only seen after the forward pass, which has folded it into the running statistics: undone."
     x, y, x_valid, y_valid = tiny_data()
@@ -361,8 +362,8 @@ def test_skipped_batch_leaves_no_trace_in_running_statistics(norm):
     assert learn.n_skipped_batches == 1
     assert all_finite(learn.model)                                   # weights and buffers
     with torch.no_grad(): assert torch.isfinite(learn.model.eval()(x_valid.view(-1, 1, SIDE, SIDE))).all()
-    if norm is RunningBatchNorm:                                     # its count and step counters were put back too
-        assert all(m.n_batches == len(dls.train) - 1 for m in learn.model.modules() if isinstance(m, norm))
+    rbns = [m for m in learn.model.modules() if isinstance(m, RunningBatchNorm)]
+    assert all(m.n_batches == len(dls.train) - 1 for m in rbns)     # its count and step counters were put back too
 
 
 # ---------------------------------------------------------------- 4. same seed, same result
@@ -706,21 +707,42 @@ def test_running_batch_norm_on_constant_input_is_finite(value, batch_size):
     assert torch.isfinite(rbn(x)).all()
 
 
-def test_compiled_running_batch_norm_is_finite_where_the_default_is():
-    "compiled=True (torch.compile of the plain step): a batch of one, a constant batch, and half precision."
+def test_compiled_running_batch_norm_matches_the_default_at_batch_size_one():
+    "A batch of one compiles its own kernel: outputs, every gradient and the running sums, through the warm-up and past it."
     torch.manual_seed(0)
-    for x in [torch.randn(1, 3, 4, 4), torch.full((16, 3, 4, 4), 1e3)]:
-        ours, compiled = RunningBatchNorm(3), RunningBatchNorm(3, compiled=True)
-        for step in range(25):                                 # through the warm-up and past it
-            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-            out1, out2 = ours(x1), compiled(x2)
-            out1.sum().backward(); out2.sum().backward()
-            assert torch.isfinite(out2).all() and torch.isfinite(x2.grad).all(), step
-            assert out2.abs().max() <= 1e3                     # constant in, bounded out
-            # a constant batch leaves only rounding in x − mean, which the two steps round differently
-            if x.shape[0] == 1: torch.testing.assert_close(out2, out1, atol=1e-4, rtol=1e-4)
-    half = compiled(torch.randn(16, 3, 4, 4).half())
-    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    ours, compiled = RunningBatchNorm(3), RunningBatchNorm(3, compiled=True)
+    for step in range(25):
+        x = torch.randn(1, 3, 4, 4) * 2 + 1
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out1, out2 = ours(x1), compiled(x2)
+        weights = torch.randn_like(out1)
+        (out1 * weights).sum().backward(); (out2 * weights).sum().backward()
+        for a, b in [(out2, out1), (x2.grad, x1.grad), (compiled.mults.grad, ours.mults.grad),
+                     (compiled.adds.grad, ours.adds.grad), (compiled.running, ours.running)]:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f'step {step}: {m}')
+
+
+@pytest.mark.parametrize('value', [0., 1e3])
+def test_compiled_running_batch_norm_on_constant_input_is_finite(value):
+    compiled = RunningBatchNorm(3, compiled=True)
+    x = torch.full((16, 3, 4, 4), value, requires_grad=True)
+    for step in range(25):
+        out = compiled(x); out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all(), step
+        assert out.abs().max() <= 1e3, step                   # constant in, bounded out
+
+
+@pytest.mark.parametrize('cast_layer', [False, True], ids=['float32-layer', 'half-layer'])
+def test_compiled_running_batch_norm_in_half_precision(cast_layer):
+    torch.manual_seed(0)
+    x32 = torch.randn(16, 3, 4, 4) * 3 + 2
+    reference = RunningBatchNorm(3)(x32)
+    compiled = RunningBatchNorm(3, compiled=True)
+    if cast_layer: compiled = compiled.half()
+    out = compiled(x32.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=0)
+    assert compiled.running.dtype == (torch.float16 if cast_layer else torch.float32)
 
 
 def test_compiled_running_batch_norm_names_itself_when_compiling_fails(monkeypatch):
