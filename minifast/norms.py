@@ -66,11 +66,11 @@ def get_norm_cnn(norm=None, nfs=NFS, n_classes: int = 10) -> nn.Module:
     return init_cnn(get_cnn_model(n_classes, nfs, norm=norm, **GENERAL_RELU), leak=GENERAL_RELU['leak'])
 
 def fit_cnn(model, data, batch_size: int, lr: float, n_epochs: int = 1, schedule: bool = True,
-            valid_batch_size: int = 512, cbs=(), printer=print, opt_func=torch.optim.SGD) -> Learner:
+            valid_batch_size: int = 512, cbs=(), printer=print, opt_func=torch.optim.SGD, loss_func=cross_entropy) -> Learner:
     "Train `model` on flat 28×28 `data` (x_train, y_train, x_valid, y_valid), one-cycle if `schedule`."
     dls = DataLoaders.from_tensors(*data, batch_size=batch_size, valid_batch_size=valid_batch_size)
     extra = (one_cycle(lr, moms=None) if schedule else []) + list(cbs)
-    learn = Learner(model, dls, cross_entropy, lr=lr, metrics=accuracy, opt_func=opt_func,
+    learn = Learner(model, dls, loss_func, lr=lr, metrics=accuracy, opt_func=opt_func,
                     cbs=[DeviceCallback(), BatchTransformXCallback(view_tfm(1, 28, 28))] + extra)
     learn.metrics.printer = printer
     learn.fit(n_epochs)
