@@ -6,8 +6,8 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
 # %% auto #0
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
-           'GroupNorm', 'running_moments', 'RunningBatchNormStep', 'running_batch_norm_step', 'compiled_running_step',
-           'RunningBatchNorm', 'NormComparison', 'compare_norms']
+           'GroupNorm', 'running_moments', 'factor_and_offset', 'RunningBatchNormStep', 'running_batch_norm_step',
+           'compiled_running_step', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
 
 # %% ../nbs/07_batchnorm.ipynb #284d4df6
 import math, time
@@ -128,6 +128,11 @@ def running_moments(running, count):
     means, squares = running / count                                  # E[x] and E[x²]
     return means, torch.addcmul(squares, means, means, value=-1)      # E[x²] − E[x]²
 
+def factor_and_offset(means, varns, mults, adds, min_var, eps: float):
+    "Step 5: per-channel `factor` and `offset`, shaped like `mults`, so that the layer is `x * factor + offset`."
+    factor = mults * torch.rsqrt(varns.clamp_min(min_var) + eps).view_as(mults)
+    return factor, adds - means.view_as(mults) * factor
+
 class RunningBatchNormStep(torch.autograd.Function):
     "One training step of `RunningBatchNorm`, with a backward pass written out so that it costs what BatchNorm's does."
     @staticmethod
@@ -172,9 +177,8 @@ def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, he
     batch = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
     new = torch.lerp(running.float(), batch, mom1)    # the history is constant; this batch keeps its gradient
     running.copy_(new.detach())
-    means, varns = running_moments(new, count)
-    factor = mults.view(-1) * torch.rsqrt(varns.clamp_min(min_var) + eps)
-    return x * factor.view(-1, 1, 1) + (adds.view(-1) - means * factor).view(-1, 1, 1)
+    factor, offset = factor_and_offset(*running_moments(new, count), mults, adds, min_var, eps)
+    return x * factor + offset
 
 # %% ../nbs/07_batchnorm.ipynb #455ecf69
 _compiled_step = None
@@ -236,9 +240,7 @@ class RunningBatchNorm(nn.Module):
 
     def factor_offset(self):
         "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5), as used in eval mode."
-        means, varns = running_moments(self.running, self.count)
-        factor = self.mults * torch.rsqrt(varns.clamp_min(self.min_var) + self.eps).view(-1, 1, 1)
-        return factor, self.adds - means.view(-1, 1, 1) * factor
+        return factor_and_offset(*running_moments(self.running, self.count), self.mults, self.adds, self.min_var, self.eps)
 
     def forward(self, x):
         _check_input(self, x, self.n_channels)
