@@ -1,4 +1,4 @@
-"""BatchNorm, LayerNorm, InstanceNorm, GroupNorm and RunningBatchNorm, each written out from scratch and checked against PyTorch, exported on PyTorch's fused kernels for speed, and compared on accuracy and speed from large batches down to a batch of two.
+"""BatchNorm, LayerNorm, InstanceNorm, GroupNorm and RunningBatchNorm: what each one averages over, each written out from scratch and checked against PyTorch, looked at inside the network, and compared from large batches down to a batch of two.
 
 Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
@@ -6,8 +6,8 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
 # %% auto #0
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
-           'GroupNorm', 'running_moments', 'factor_and_offset', 'RunningBatchNormStep', 'running_batch_norm_step',
-           'compiled_running_step', 'RunningBatchNorm', 'NormComparison', 'compare_norms']
+           'GroupNorm', 'running_moments', 'factor_and_offset', 'running_batch_norm_step', 'RunningBatchNormStep',
+           'RunningBatchNorm', 'NormComparison', 'compare_norms', 'compiled_running_step']
 
 # %% ../nbs/07_batchnorm.ipynb #284d4df6
 import math, time
@@ -122,7 +122,7 @@ class GroupNorm(nn.Module):
 
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
-# %% ../nbs/07_batchnorm.ipynb #8a00652f
+# %% ../nbs/07_batchnorm.ipynb #10d5fbf0
 def running_moments(running, count):
     "Per-channel mean and variance (not yet clamped) from running sums and sums of squares `running` (2, C) over `count` items."
     means, squares = running / count                                  # E[x] and E[x²]
@@ -133,6 +133,22 @@ def factor_and_offset(means, varns, mults, adds, min_var, eps: float):
     factor = mults * torch.rsqrt(varns.clamp_min(min_var) + eps).view_as(mults)
     return factor, adds - means.view_as(mults) * factor
 
+# %% ../nbs/07_batchnorm.ipynb #38a86b5b
+def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, height, width)
+                            mults: torch.Tensor, adds: torch.Tensor, # the layer's parameters, (channels, 1, 1)
+                            running: torch.Tensor, # running sums and sums of squares, (2, channels): updated in place
+                            mom1, # this batch's momentum (step 2)
+                            count, # the running count of items per channel, this batch included
+                            min_var, # the floor on the variance (step 4)
+                            eps: float) -> torch.Tensor:
+    "Steps 1 to 5 in plain tensor operations, for autograd to differentiate; folds the batch into `running` in place."
+    batch = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
+    new = torch.lerp(running.float(), batch, mom1)    # the history is constant; this batch keeps its gradient
+    running.copy_(new.detach())
+    factor, offset = factor_and_offset(*running_moments(new, count), mults, adds, min_var, eps)
+    return x * factor + offset
+
+# %% ../nbs/07_batchnorm.ipynb #a11df501
 class RunningBatchNormStep(torch.autograd.Function):
     "One training step of `RunningBatchNorm`, with a backward pass written out so that it costs what BatchNorm's does."
     @staticmethod
@@ -164,38 +180,6 @@ class RunningBatchNormStep(torch.autograd.Function):
         b = torch.addcmul(c * means, scaled, grad_adds, value=ctx.k).neg_()
         grad_x = grad_x.addcmul_(x, c.view(-1, 1, 1)).add_(b.view(-1, 1, 1))
         return grad_x, grad_mults.view_as(mults), grad_adds.view_as(mults), None, None, None, None, None
-
-# %% ../nbs/07_batchnorm.ipynb #38a86b5b
-def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, height, width)
-                            mults: torch.Tensor, adds: torch.Tensor, # the layer's parameters, (channels, 1, 1)
-                            running: torch.Tensor, # running sums and sums of squares, (2, channels): updated in place
-                            mom1, # this batch's momentum (step 2)
-                            count, # the running count of items per channel, this batch included
-                            min_var, # the floor on the variance (step 4)
-                            eps: float) -> torch.Tensor:
-    "Steps 1 to 5 in plain tensor operations, for autograd to differentiate; folds the batch into `running` in place."
-    batch = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
-    new = torch.lerp(running.float(), batch, mom1)    # the history is constant; this batch keeps its gradient
-    running.copy_(new.detach())
-    factor, offset = factor_and_offset(*running_moments(new, count), mults, adds, min_var, eps)
-    return x * factor + offset
-
-# %% ../nbs/07_batchnorm.ipynb #455ecf69
-_compiled_step = None
-
-def compiled_running_step(x, mults, adds, running, # as for `running_batch_norm_step`
-                          mom1: float, count: float, min_var: float, # Python numbers, passed on as tensors
-                          eps: float) -> torch.Tensor:
-    "`running_batch_norm_step` through `torch.compile`, compiled on first use: one kernel per layer shape, any batch size."
-    global _compiled_step
-    if _compiled_step is None: _compiled_step = torch.compile(running_batch_norm_step, dynamic=False)
-    torch._dynamo.maybe_mark_dynamic(x, 0)
-    numbers = [torch.tensor(v, dtype=torch.float32) for v in (mom1, count, min_var)]
-    try: return _compiled_step(x, mults, adds, running, *numbers, eps)
-    except Exception as e:
-        e.add_note("minifast: raised in RunningBatchNorm's compiled step (compiled=True). If compiling failed: torch.compile "
-                   "needs a C++ compiler on the CPU and Triton on a GPU; RunningBatchNorm(compiled=False), the default, needs neither.")
-        raise
 
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
@@ -267,6 +251,7 @@ DEFAULT_NORMS = {
     'RunningBatchNorm': RunningBatchNorm,
 }
 
+# %% ../nbs/07_batchnorm.ipynb #a4488fca
 class NormComparison:
     "The rows of a `compare_norms` run, shown as an HTML table, with `plot()`."
     columns = ('norm', 'batch_size', 'lr', 'valid_accuracy', 'valid_loss', 'sec_per_epoch', 'diverged')
@@ -306,6 +291,7 @@ class NormComparison:
         fig.tight_layout()
         return fig
 
+# %% ../nbs/07_batchnorm.ipynb #c86332df
 def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,), n_epochs: int = 1,
                   n_train=None, # dict batch_size -> how many training images to use (default: all)
                   schedule: bool = True, seed: int = 0, printer=None) -> NormComparison:
@@ -332,3 +318,20 @@ def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,)
                 rows.append(dict(norm=name, batch_size=bs, lr=lr, valid_accuracy=last['valid_accuracy'],
                                  valid_loss=last['valid_loss'], sec_per_epoch=seconds, diverged=False))
     return NormComparison(rows)
+
+# %% ../nbs/07_batchnorm.ipynb #455ecf69
+_compiled_step = None
+
+def compiled_running_step(x, mults, adds, running, # as for `running_batch_norm_step`
+                          mom1: float, count: float, min_var: float, # Python numbers, passed on as tensors
+                          eps: float) -> torch.Tensor:
+    "`running_batch_norm_step` through `torch.compile`, compiled on first use: one kernel per layer shape, any batch size."
+    global _compiled_step
+    if _compiled_step is None: _compiled_step = torch.compile(running_batch_norm_step, dynamic=False)
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    numbers = [torch.tensor(v, dtype=torch.float32) for v in (mom1, count, min_var)]
+    try: return _compiled_step(x, mults, adds, running, *numbers, eps)
+    except Exception as e:
+        e.add_note("minifast: raised in RunningBatchNorm's compiled step (compiled=True). If compiling failed: torch.compile "
+                   "needs a C++ compiler on the CPU and Triton on a GPU; RunningBatchNorm(compiled=False), the default, needs neither.")
+        raise
