@@ -369,6 +369,7 @@ def model_mismatches(model: nn.Module, saved: dict # a model state dict from a c
         if k not in own: problems[k] = f"not in the model (the checkpoint has {_describe(v)})"
     return problems
 
+# %% ../nbs/03_learner.ipynb #ckpt-opt-mismatches
 def param_names(model: nn.Module, opt) -> list:
     "For each param group of `opt`, the names of its parameters in `model` ('?' for one the model does not have)."
     names = {id(p): name for name, p in model.named_parameters()}
@@ -393,11 +394,6 @@ def opt_mismatches(opt, names: list, # `param_names` of `opt` here
     return problems
 
 # %% ../nbs/03_learner.ipynb #97f8f6c1
-def _mismatch_error(path, problems: list, what: str = 'does not fit this learner') -> CheckpointError:
-    shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
-    return CheckpointError(f"{path} {what} ({len(problems)} mismatch{'es' if len(problems) > 1 else ''}); nothing was changed:\n  "
-                           + '\n  '.join(shown))
-
 class Learner(Learner):
     def save(self, path,
              fit: dict = None): # the state of a fit in progress, as `SaveCheckpoint` collects it, to resume from
@@ -422,6 +418,13 @@ class Learner(Learner):
             finally: os.close(folder)
         return path
 
+# %% ../nbs/03_learner.ipynb #ckpt-load
+def _mismatch_error(path, problems: list, what: str = 'does not fit this learner') -> CheckpointError:
+    shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+    return CheckpointError(f"{path} {what} ({len(problems)} mismatch{'es' if len(problems) > 1 else ''}); nothing was changed:\n  "
+                           + '\n  '.join(shown))
+
+class Learner(Learner):
     def _mismatches(self, ckpt) -> tuple:
         "The model's and the optimiser's mismatches with `ckpt`."
         return (model_mismatches(self.model, ckpt['model']),
@@ -436,8 +439,8 @@ class Learner(Learner):
         if strict and problems: raise _mismatch_error(path, problems)
         self.model.load_state_dict({k: v for k, v in ckpt['model'].items() if k not in model_problems}, strict=not problems)
         if not problems: self.opt.load_state_dict(ckpt['opt'])
-        else: warnings.warn(f"{path}: loaded {len(ckpt['model']) - len(model_problems)} of the model's entries; skipped "
-                            f"{len(model_problems)} and the optimiser state:\n  " + '\n  '.join(problems[:5])
+        else: warnings.warn(f"{path}: loaded {len(ckpt['model'].keys() - model_problems.keys())} of the model's entries; skipped "
+                            f"{len(model_problems)} entries and the optimiser state:\n  " + '\n  '.join(problems[:5])
                             + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ''), stacklevel=2)
         return self
 
@@ -485,6 +488,7 @@ def has_state(cb: Callback) -> bool:
     "Whether `cb`'s class defines its own `state_dict`."
     return type(cb).state_dict is not Callback.state_dict
 
+# %% ../nbs/03_learner.ipynb #ckpt-cbstate-defaults
 @patch
 def state_dict(self: TrainEvalCallback) -> dict:
     "The fit's position: epochs done (a float) and training batches done."
@@ -564,6 +568,8 @@ class Learner(Learner):
         if problems: raise _mismatch_error(path, problems, 'cannot resume this fit')
         return ckpt
 
+# %% ../nbs/03_learner.ipynb #ckpt-resume-restore
+class Learner(Learner):
     def _restore(self, ckpt, rng: dict):
         "Put back the model, the optimiser, every callback's state, the skipped-batch count and the generators (`rng`)."
         self.model.load_state_dict(ckpt['model'])
