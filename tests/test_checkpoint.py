@@ -8,7 +8,7 @@ recorded losses, learning rates, momentums, metrics and activation statistics.
 
 Everything is tiny (80 8x8 images, a CNN with a few hundred weights): the whole file runs in seconds.
 """
-import copy, io, os, random, select, signal, subprocess, sys, time, warnings
+import copy, os, queue, random, signal, subprocess, sys, threading, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,34 +125,48 @@ def child_env():
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'MINIFAST_PROGRESS': '0', 'IN_TEST': '1'}
 
 
-def start(*args):
-    return subprocess.Popen([sys.executable, __file__, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=child_env())
+def start(*args, stdin=None):
+    "Run this file as a child with `args`; threads collect its output lines in `proc.lines` and its stderr in `proc.err`."
+    proc = subprocess.Popen([sys.executable, __file__, *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())
+    proc.lines, proc.err = queue.Queue(), []
+    def pump(stream, put):
+        for line in stream: put(line)
+        if stream is proc.stdout: proc.lines.put(None)      # the end of its output
+    threading.Thread(target=pump, args=(proc.stdout, lambda line: proc.lines.put(line.strip())), daemon=True).start()
+    threading.Thread(target=pump, args=(proc.stderr, proc.err.append), daemon=True).start()
+    return proc
+
+
+def stop(proc):
+    "Wait for the child to end (kill it after `TIMEOUT`); its stderr."
+    try: proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+    time.sleep(0.05)   # let the threads read the last of its output
+    return ''.join(proc.err)[-3000:]
 
 
 def read_line(proc, deadline):
-    "The child's next line of output, or a failure naming its stderr if it ends or takes too long."
-    ready, _, _ = select.select([proc.stdout], [], [], max(0., deadline - time.monotonic()))
-    line = proc.stdout.readline() if ready else ''
-    if not line:
-        proc.kill(); _, err = proc.communicate(timeout=TIMEOUT)
-        pytest.fail(f"the child ended or timed out before saying anything more; its stderr:\n{err[-3000:]}")
-    return line.strip()
+    "The child's next line of output, or a failure showing its stderr if it ends or takes too long."
+    try: line = proc.lines.get(timeout=max(0., deadline - time.monotonic()))
+    except queue.Empty: line = None
+    if line is None:
+        proc.kill()
+        pytest.fail(f"the child ended or timed out before saying anything more; its stderr:\n{stop(proc)}")
+    return line
 
 
 def finish(proc):
     "Wait for a child that must succeed."
-    try: out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill(); out, err = proc.communicate()
-    assert proc.returncode == 0, f"child failed with {proc.returncode}:\n{err[-3000:]}"
+    err = stop(proc)
+    assert proc.returncode == 0, f"child failed with {proc.returncode}:\n{err}"
 
 
 def kill_when_paused(proc):
     "Wait for the child to say it paused, then SIGKILL it."
     assert read_line(proc, time.monotonic() + TIMEOUT) == 'paused'
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=TIMEOUT)
+    stop(proc)
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -245,22 +259,22 @@ def test_a_checkpoint_records_its_format_and_versions(tmp_path):
 def test_killing_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     "Kill the writer at different moments of a save, four times in a row: each time the file holds a whole checkpoint."
     path, left_a_temp_file = tmp_path / 'model.pth', 0
-    proc = subprocess.Popen([sys.executable, __file__, 'write', str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env())
+    proc, writer = start('write', tmp_path, stdin=subprocess.PIPE), None   # `writer`: the pid of a writer not known to be dead
     try:
         for round, fraction in enumerate([0.1, 0.4, 0.7, 0.95]):
             deadline = time.monotonic() + TIMEOUT
             proc.stdin.write(f'{round * 100}\n'); proc.stdin.flush()
-            pid = int(read_line(proc, deadline).split()[1])
+            writer = int(read_line(proc, deadline).split()[1])
             assert read_line(proc, deadline) == f'writing {round * 100 + 1}'
             _, saved, seconds = read_line(proc, deadline).split()        # one whole save, to time it
             assert read_line(proc, deadline) == f'writing {round * 100 + 2}'
             time.sleep(fraction * float(seconds))
-            os.kill(pid, signal.SIGKILL)
+            os.kill(writer, signal.SIGKILL)
             last_saved = int(saved)
             while not (line := read_line(proc, deadline)).startswith('ended'):
                 if line.startswith('saved'): last_saved = int(line.split()[1])
             assert int(line.split()[1]) == signal.SIGKILL          # the wait status of a process killed by SIGKILL
+            writer = None
             left_a_temp_file += any(p.name.startswith('.model.pth.') for p in tmp_path.iterdir())
             for p in tmp_path.glob('.model.pth.*'): p.unlink()
             learn = Learner(nn.Linear(2048, 1024), None, cross_entropy, default_cbs=False,
@@ -268,10 +282,11 @@ def test_killing_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
             values = torch.cat([p.flatten() for p in learn.model.parameters()]).unique()
             assert len(values) == 1 and int(values) in (last_saved, last_saved + 1), (values, last_saved)
     finally:
+        if writer is not None:                                  # a round failed: end its writer, which would write on
+            try: os.kill(writer, signal.SIGKILL)
+            except ProcessLookupError: pass
         proc.stdin.close()                                      # the pool ends when its input does
-        try: proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired: proc.kill()
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+        finish(proc)
     assert left_a_temp_file >= 1   # at least one kill landed inside a save, which still left a whole checkpoint
 
 
