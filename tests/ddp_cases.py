@@ -1,10 +1,11 @@
 """The runs that tests/test_distributed.py checks: each under `torchrun` (two ranks) and, for the references, alone.
 
-`python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_cases.py CASE OUT_DIR` runs CASE on
-every rank; each rank writes its results under OUT_DIR, then `rank<r>.done`. Alone (no torchrun), `run_case`
+`python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_cases.py CASES OUT_DIR` runs the
+comma-separated CASES on every rank, in one process group; each rank writes its results under OUT_DIR, then
+`rank<r>.done`. Alone (no torchrun), `run_case`
 gives the single-process reference from the same weights and the same global batches.
 """
-import contextlib, io, itertools, json, os, sys
+import contextlib, io, itertools, os, sys, time
 from functools import partial
 from pathlib import Path
 
@@ -127,11 +128,15 @@ def run_consensus(out):
     return result
 
 class RaiseOnRank(Callback):
+    "Rank 1 raises at step 3, after writing down when."
+    def __init__(self, out): self.out = out
     def before_batch(self):
-        if self.learn.n_iter == 3 and dist.get_rank() == 1: raise RuntimeError('rank 1 fails on purpose')
+        if self.learn.n_iter == 3 and dist.get_rank() == 1:
+            (self.out / 'raised_at').write_text(repr(time.time()))
+            raise RuntimeError('rank 1 fails on purpose')
 
 def run_raise(out):
-    learn = make_learner('plain32', cbs=[RaiseOnRank()])
+    learn = make_learner('plain32', cbs=[RaiseOnRank(out)])
     learn.fit(50)
     return {}
 
@@ -140,10 +145,9 @@ def run_case(name, out):
     if name in CASES: return run_equivalence(name, out)
     return {'consensus': run_consensus, 'raise': run_raise}[name](out)
 
-if __name__ == '__main__':
+if __name__ == '__main__':   # CASE may be several, comma-separated: one start-up for all of them
     torch.set_num_threads(1)
-    name, out = sys.argv[1], Path(sys.argv[2])
-    result = run_case(name, out)
+    names, out = sys.argv[1].split(','), Path(sys.argv[2])
     rank = int(os.environ.get('RANK', 0))
-    torch.save(result, out / f'{name}_rank{rank}.pt')
+    for name in names: torch.save(run_case(name, out), out / f'{name}_rank{rank}.pt')
     (out / f'rank{rank}.done').write_text('ok')
