@@ -5,7 +5,7 @@ comma-separated CASES on every rank, in one process group; each rank writes its 
 `rank<r>.done`. Alone (no torchrun), `run_case`
 gives the single-process reference from the same weights and the same global batches.
 """
-import contextlib, io, itertools, os, sys, time
+import contextlib, io, itertools, os, sys, time, warnings
 from functools import partial
 from pathlib import Path
 
@@ -140,10 +140,21 @@ def run_raise(out):
     learn.fit(50)
     return {}
 
+def run_unsynced(out):
+    "A model with unsynced BatchNorm layers: the warnings the fit gave."
+    learn = make_learner('plain32')
+    set_seed(0)
+    learn.model = get_norm_cnn(nn.BatchNorm2d, nfs=(8, 16, 32, 32), n_classes=4)
+    learn.opt = torch.optim.SGD(learn.model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter('always')
+        learn.fit(1)
+    return dict(warnings=[str(w.message) for w in caught if 'DistributedCallback' in str(w.message)])
+
 def run_case(name, out):
     out = Path(out)
     if name in CASES: return run_equivalence(name, out)
-    return {'consensus': run_consensus, 'raise': run_raise}[name](out)
+    return {'consensus': run_consensus, 'raise': run_raise, 'unsynced': run_unsynced}[name](out)
 
 if __name__ == '__main__':   # CASE may be several, comma-separated: one start-up for all of them
     torch.set_num_threads(1)

@@ -31,7 +31,7 @@ def torchrun(case, out, timeout=120):
     return proc.returncode, time.monotonic() - start, output
 
 # One torchrun for all of these (start-up is most of a run's time); 'consensus' ends with an error, so it is last.
-CLEAN_CASES = ['plain32', 'plain64', 'norms', 'uneven', 'consensus']
+CLEAN_CASES = ['plain32', 'plain64', 'norms', 'uneven', 'unsynced', 'consensus']
 
 @pytest.fixture(scope='module')
 def one_thread():
@@ -92,6 +92,11 @@ def test_same_decisions_on_every_rank(runs):
     assert rank0['skipped'] == rank1['skipped'] == 1
     assert torch.equal(rank0['skip_state'], rank1['skip_state'])
     assert rank0['raised'] == rank1['raised'] == 'NonFiniteLossError at iter 3'
+
+def test_unsynced_norms_are_named(runs):
+    for rank in runs('unsynced')[:2]:
+        [message] = rank['warnings']
+        assert all(f'{i}.1 (BatchNorm2d)' in message for i in range(4)) and 'sync_norms(model)' in message, message
 
 @pytest.mark.parametrize('attempt', range(3))
 def test_one_rank_raising_ends_the_run(attempt, tmp_path):
