@@ -17,12 +17,14 @@ from minifast.foundations import set_seed
 from minifast.data import DataLoader, DataLoaders
 from minifast.losses import accuracy, cross_entropy
 from minifast.learner import Callback, Learner, NonFiniteLossError
-from minifast.hooks import ActivationStats, BatchTransformXCallback, view_tfm
+from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, view_tfm
 from minifast.lr_finder import EarlyStoppingCallback, lr_find
 from minifast.norms import BatchNorm, RunningBatchNorm, get_norm_cnn
 from minifast.distributed import DistributedCallback, sync_norms
 
 IN_GROUP = 'WORLD_SIZE' in os.environ   # started by torchrun
+DEVICE = os.environ.get('DDP_CASES_DEVICE', 'cpu')   # tools/gpu_check.py runs these on 'cuda' (nccl)
+if DEVICE != 'cpu': torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 # name -> (norm layers, dtype, training items, global batch, validation items, validation batch)
 CASES = {
@@ -51,12 +53,12 @@ def make_model(norm, dtype):
 
 def state_vector(model):
     "Parameters, buffers and RunningBatchNorm's counts, flattened, in float64."
-    parts = [p.detach().reshape(-1).double() for p in model.parameters()]
+    parts = [p.detach().reshape(-1).double().cpu() for p in model.parameters()]
     for m in model.modules():
         # RunningBatchNorm's running sums run over thousands of items, so their rounding is absolute, not relative:
         # compare what the layer uses, the running moments (sums / count), and the count itself
-        if isinstance(m, RunningBatchNorm): parts += [m.running.double().reshape(-1) / m.count, torch.tensor([m.count], dtype=torch.float64)]
-        else: parts += [b.detach().reshape(-1).double() for b in m.buffers(recurse=False)]
+        if isinstance(m, RunningBatchNorm): parts += [m.running.double().cpu().reshape(-1) / m.count, torch.tensor([m.count], dtype=torch.float64)]
+        else: parts += [b.detach().reshape(-1).double().cpu() for b in m.buffers(recurse=False)]
     return torch.cat(parts)
 
 class StepRecorder(Callback):
@@ -73,6 +75,7 @@ def make_learner(case, cbs=(), nonfinite='raise', lr=0.1):
     train = DataLoader(x_train, y_train, bs, shuffle=True, generator=torch.Generator().manual_seed(0))
     dls = DataLoaders(train, DataLoader(x_valid, y_valid, valid_bs))
     extra = [DistributedCallback(seed=0, timeout=60)] if IN_GROUP else []
+    if DEVICE != 'cpu': extra.append(DeviceCallback(DEVICE))
     return Learner(make_model(norm, dtype), dls, cross_entropy, lr=lr, metrics=accuracy, nonfinite=nonfinite,
                    opt_func=partial(torch.optim.SGD, momentum=0.9),
                    cbs=[BatchTransformXCallback(view_tfm(1, 28, 28))] + extra + list(cbs))
@@ -84,7 +87,7 @@ def run_equivalence(case, out):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed): learn.fit(1)
     result = dict(states=torch.stack(recorder.states), history=learn.metrics.history, printed=printed.getvalue(),
-                  act_sums=stats._recorded()[0], act_counts=stats._recorded()[2])
+                  act_sums=stats._recorded()[0], act_counts=stats._recorded()[2])   # on the CPU
     if case == 'plain32' and IN_GROUP:
         saves = []
         real_save = torch.save

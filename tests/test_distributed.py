@@ -107,3 +107,12 @@ def test_one_rank_raising_ends_the_run(attempt, tmp_path):
     assert seconds < 60, f"the run took {seconds:.0f} s to end after rank 1 raised"
     assert 'rank 1 fails on purpose' in output
     assert not (tmp_path / 'rank0.done').exists() and not (tmp_path / 'rank1.done').exists()
+
+def test_progress_bars_only_on_rank0(monkeypatch):
+    from minifast.learner import progress_wanted
+    monkeypatch.delenv('IN_TEST', raising=False)
+    monkeypatch.delenv('MINIFAST_PROGRESS', raising=False)
+    monkeypatch.setenv('RANK', '1')
+    assert not progress_wanted()
+    monkeypatch.setenv('MINIFAST_PROGRESS', '1')   # forcing it still wins
+    assert progress_wanted()
