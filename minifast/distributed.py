@@ -111,6 +111,8 @@ class DistributedCallback(Callback):
 # %% ../nbs/09_distributed.ipynb #d022
 @patch
 def before_fit(self: DistributedCallback):
+    self._outer_error = sys.exc_info()[1]   # an exception being handled around the whole fit is not the fit's
+    self.dls, self.printers = None, {}      # what `after_fit` puts back, even if joining fails
     self._join()
     learn = self.learn
     self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -122,7 +124,6 @@ def before_fit(self: DistributedCallback):
                       "call sync_norms(model) before the fit to use the statistics of the global batch")
     self.dls = learn.dls
     learn.dls = DataLoaders(*(ShardedLoader(dl, self.rank, self.world_size, self.seed) for dl in (self.dls.train, self.dls.valid)))
-    self.printers = {}
     if self.rank != 0:   # one voice: only rank 0 prints
         for cb in learn.cbs:
             if isinstance(cb, MetricsCallback): self.printers[cb], cb.printer = cb.printer, None
@@ -183,9 +184,10 @@ def _reduce_activation_stats(self: DistributedCallback):
 @patch
 def after_fit(self: DistributedCallback):
     "Unwrap the model, put back the data and printers; sum statistics after a clean fit, tear down after an error."
-    learn, failed = self.learn, sys.exc_info()[1] is not None   # `after_fit` runs inside the fit's `except` on an error
+    error = sys.exc_info()[1]   # `after_fit` runs inside the fit's `except` block when the fit failed
+    learn, failed = self.learn, error is not None and error is not self._outer_error
     learn.model = unwrap(learn.model)
-    learn.dls = self.dls
+    if self.dls is not None: learn.dls = self.dls
     for cb, printer in self.printers.items(): cb.printer = printer
     if failed:   # no collective: a peer may be stuck in one, or gone
         gc.collect()   # drop what still refers to the DDP wrapper before the group goes
