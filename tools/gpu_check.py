@@ -25,7 +25,7 @@ def check_notebooks(log, timeout):
     log(proc.stdout[-2000:] + proc.stderr[-2000:])
     return proc.returncode == 0, f'nbdev-test exit code {proc.returncode}'
 
-def check_sync_free_fit(log):
+def check_sync_free_fit(log, device='cuda'):
     "A short fit on CUDA where any host sync between `before_epoch` and `after_epoch` raises."
     from minifast.foundations import set_seed
     from minifast.data import DataLoaders, load_fashion_mnist, normalize_to_train
@@ -37,38 +37,41 @@ def check_sync_free_fit(log):
 
     class NoSyncInEpochs(Callback):
         _order = 5   # MetricsCallback (10) reads its averages back in after_epoch, after this turns the check off
-        def before_epoch(self): torch.cuda.set_sync_debug_mode('error')
-        def after_epoch(self): torch.cuda.set_sync_debug_mode('default')
-        def after_fit(self): torch.cuda.set_sync_debug_mode('default')
+        def _mode(self, mode):
+            if device == 'cuda': torch.cuda.set_sync_debug_mode(mode)
+        def before_epoch(self): self._mode('error')
+        def after_epoch(self): self._mode('default')
+        def after_fit(self): self._mode('default')
 
     x_train, y_train, x_valid, y_valid = load_fashion_mnist()
     x_train, x_valid = normalize_to_train(x_train, x_valid)
-    dev = torch.device('cuda')
+    dev = torch.device(device)
     dls = DataLoaders.from_tensors(x_train[:8192].to(dev), y_train[:8192].to(dev), x_valid[:2048].to(dev),
                                    y_valid[:2048].to(dev), batch_size=256)
     set_seed(0)
     stats = ActivationStats()
     learn = Learner(get_norm_cnn(RunningBatchNorm), dls, cross_entropy, lr=0.4, metrics=accuracy, nonfinite='ignore',
-                    cbs=[DeviceCallback(), BatchTransformXCallback(view_tfm(1, 28, 28)), stats, NoSyncInEpochs()]
+                    cbs=[DeviceCallback(dev), BatchTransformXCallback(view_tfm(1, 28, 28)), stats, NoSyncInEpochs()]
                     + one_cycle(0.4, moms=None))
     learn.metrics.printer = log
     learn.fit(2)
     acc = learn.metrics.history[-1]['valid_accuracy']
-    return acc > 0.7, f'2 epochs without a host sync; valid accuracy {acc:.4f}, {stats.n_recorded} batches recorded'
+    sync = 'without a host sync' if device == 'cuda' else '(no sync check on the CPU)'
+    return acc > 0.7, f'2 epochs {sync}; valid accuracy {acc:.4f}, {stats.n_recorded} batches recorded'
 
-def check_ddp_nccl(log, timeout):
+def check_ddp_nccl(log, timeout, device='cuda'):
     "tests/ddp_cases.py on nccl with one rank per GPU, against one process on the GPU."
-    n = torch.cuda.device_count()
+    n = torch.cuda.device_count() if device == 'cuda' else 2
     cases = ['plain32', 'norms', 'uneven']
     with tempfile.TemporaryDirectory() as d:
-        env = {**os.environ, 'DDP_CASES_DEVICE': 'cuda', 'OMP_NUM_THREADS': '1'}
+        env = {**os.environ, 'DDP_CASES_DEVICE': device, 'OMP_NUM_THREADS': '1'}
         proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}',
                                str(ROOT / 'tests' / 'ddp_cases.py'), ','.join(cases), d],
                               capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
         if proc.returncode != 0:
             log(proc.stdout[-3000:] + proc.stderr[-3000:])
             return False, f'torchrun exit code {proc.returncode}'
-        os.environ['DDP_CASES_DEVICE'] = 'cuda'
+        os.environ['DDP_CASES_DEVICE'] = device
         sys.path.insert(0, str(ROOT / 'tests'))
         import ddp_cases
         notes, ok = [], True
@@ -83,13 +86,20 @@ def check_ddp_nccl(log, timeout):
             worst = (ranks[0]['states'] - ref['states']).abs().max().item()
             ok &= same and close
             notes.append(f'{case}: ranks equal {same}, within rtol 1e-5/atol 1e-6 {close} (largest difference {worst:.1e})')
-    return ok, f'{n} rank(s) on nccl; ' + '; '.join(notes)
+    return ok, f"{n} rank(s) on {'nccl' if device == 'cuda' else 'gloo'}; " + '; '.join(notes)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--out', type=Path, default=ROOT / 'bench' / 'out' / 'gpu_check.md')
     p.add_argument('--skip-notebooks', action='store_true', help='only the fit and the DDP checks')
+    p.add_argument('--cpu-dry-run', action='store_true',
+                   help="run the fit and the DDP checks on the CPU (gloo, 2 ranks, no sync check): tests this script, not a GPU")
     args = p.parse_args()
+    if args.cpu_dry_run:
+        for name, check in [('fit', lambda log: check_sync_free_fit(log, 'cpu')), ('DDP', lambda log: check_ddp_nccl(log, 240, 'cpu'))]:
+            ok, note = check(print)
+            print(f'cpu dry run: {"PASS" if ok else "FAIL"} {name}: {note}')
+        return 0
     if not torch.cuda.is_available():
         print('gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); nothing was checked.')
         return 0
