@@ -295,10 +295,11 @@ class MetricsCallback(MetricsCallback):
 
 # %% ../nbs/03_learner.ipynb #6c956536
 def progress_wanted() -> bool:
-    "Whether `Learner` adds a `ProgressCallback`: in notebooks and terminals, not under tests or in pipes."
+    "Whether `Learner` adds a `ProgressCallback`: in notebooks and terminals, not under tests, in pipes or on torchrun's ranks but 0."
     forced = os.environ.get('MINIFAST_PROGRESS')
     if forced is not None: return forced.strip() not in ('0', '', 'false', 'no')
     if os.environ.get('IN_TEST'): return False
+    if os.environ.get('RANK', '0') != '0': return False   # a torchrun rank other than 0 (see 09_distributed)
     try:
         from IPython import get_ipython
         if get_ipython() is not None and 'IPKernelApp' in get_ipython().config: return True
