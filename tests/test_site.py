@@ -282,7 +282,7 @@ def test_search_finds_an_exported_symbol(server, browser, query, page):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     assert not open_page(browser, server + 'search.html')
-    box = browser.find_element(By.CSS_SELECTOR, 'article form.bd-search input[name=q]')
+    box = browser.find_element(By.CSS_SELECTOR, '.bd-search-container form.bd-search input[name=q]')
     box.send_keys(query, Keys.ENTER)
     WebDriverWait(browser, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#search-results ul.search li a'))
     results = browser.execute_script("return [...document.querySelectorAll('#search-results ul.search li a')].map(a => a.href)")

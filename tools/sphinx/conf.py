@@ -12,6 +12,7 @@ html_baseurl = 'https://minifast.github.io/minifast/'
 
 extensions = ['myst_nb', 'minifast_site']   # minifast_site: math as MathML, nbdev's heading anchors
 exclude_patterns = ['_build', '**.ipynb_checkpoints']
+smartquotes = False               # the prose says what the notebook says, `'` included
 nb_execution_mode = 'off'          # nbdev-test ran the notebooks; their saved outputs are the page
 nb_merge_streams = True
 myst_enable_extensions = ['dollarmath']
@@ -28,6 +29,7 @@ html_theme_options = {
     'show_toc_level': 2,
     'navigation_with_keys': False,
 }
+html_context = {'default_mode': 'auto'}   # light or dark as the reader's system; unset, the theme logs an error
 html_static_path = ['_static']
 html_css_files = ['minifast.css']
 html_favicon = '_static/favicon.svg'   # else browsers ask for /favicon.ico and log a 404
