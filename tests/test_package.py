@@ -46,8 +46,8 @@ def venv(work, dist):
     run(sys.executable, '-m', 'venv', env_dir)
     py = env_dir/'bin/python'
     seed = {p['name'].lower() for p in json.loads(run(py, '-m', 'pip', 'list', '--format=json'))}
-    run(py, '-m', 'pip', 'install', '-q', f'torch=={TORCH_PIN}')
-    run(py, '-m', 'pip', 'install', '-q', dist[0])
+    run(py, '-m', 'pip', 'install', '-q', '--no-compile', f'torch=={TORCH_PIN}')   # no .pyc: torch has thousands of files
+    run(py, '-m', 'pip', 'install', '-q', '--no-compile', dist[0])
     return py, seed
 
 
