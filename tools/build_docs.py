@@ -28,6 +28,8 @@ from nbdev.doclinks import NbdevLookup, nbglob
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT/'tools/sphinx'
 sys.path.insert(0, str(ROOT))   # document this checkout's minifast, as nbdev-test tests it
+sys.path.insert(0, str(CONF_DIR))
+from minifast_site import heading_slug   # the anchors Sphinx will give headings
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.gif', '.svg', '.webp'}
 
 
@@ -77,14 +79,29 @@ def _attrs_to_html(attrs: str) -> str:
 _attr_link = re.compile(r'\[([^\]]+)\]\(([^)\s]+)\)\{([^}]*)\}')
 
 
-def relinker(site_url: str, pages: dict):
-    "A function that points `NN_x.ipynb` and links into the published site (`x.html#frag`) at the page `x.ipynb`, which myst resolves."
-    sources = {f'{p}.html': f'{p}.ipynb' for p in pages.values()}
+def page_anchors(nb: dict) -> set:
+    "The heading anchors a processed notebook's page will have: its markdown headings and `show_doc` headings."
+    texts = [_text(c.get('source')) for c in nb['cells'] if c['cell_type'] == 'markdown']
+    texts += [_text(o.get('data', {}).get('text/markdown')) for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', [])]
+    heads = re.findall(r'^#{1,6}\s+(.+?)\s*$', '\n'.join(texts), re.M)
+    return {heading_slug(re.sub(r'`|\*\*', '', h)) for h in heads}
+
+
+def relinker(site_url: str, pages: dict, anchors: dict):
+    """A function that points `NN_x.ipynb` and links into the published site (`x.html#frag`) at the page `x.ipynb`,
+    which myst resolves. nbdev links a method (`#learner.fit`) that has no heading of its own to its class's heading
+    (`#learner`), as a reader would look for it, or else to the page."""
+    sources = {f'{p}.html': p for p in pages.values()}
     def relink(target: str) -> str:
         if site_url and target.startswith(site_url): target = target[len(site_url):] or 'index.html'
         name, hash_, frag = target.removeprefix('./').partition('#')
-        if name in pages: name = f'{pages[name]}.ipynb'
-        return sources.get(name, name) + hash_ + frag
+        page = pages.get(name) or sources.get(name)
+        if page is None: return target
+        if frag and frag not in anchors.get(page, ()):
+            owner = frag.split('.')[0]
+            frag = owner if owner in anchors.get(page, ()) else ''
+            hash_ = '#' if frag else ''
+        return f'{page}.ipynb{hash_}{frag}'
     return relink
 
 
@@ -177,13 +194,15 @@ def build(nbs: Path, site: Path, strict: bool = True) -> Path:
     src_dir = proc/'site'
     shutil.rmtree(src_dir, ignore_errors=True); src_dir.mkdir(parents=True)
     site_url = f"{cfg.get('doc_host', '')}{cfg.get('doc_baseurl', '')}".rstrip('/') + '/'
-    relink = relinker(site_url, {p.name: nbpath2html(p).stem for p in notebooks})   # as quarto links .ipynb to .html
+    names = {p.name: nbpath2html(p).stem for p in notebooks}   # as quarto links .ipynb to .html
+    processed = {p.name: json.loads((proc/p.name).read_text(encoding='utf-8')) for p in notebooks}
+    relink = relinker(site_url, names, {names[n]: page_anchors(nb) for n, nb in processed.items()})
 
     pages, kept = [], {}   # pages: (page name, title, notebook), in course order
     for src in notebooks:
         intro = title_cell_rest(src)
         if intro: intro = NbdevLookup().linkify(intro); kept[src.name] = intro   # as nbdev links the other cells
-        fm, page_nb = to_myst(json.loads((proc/src.name).read_text(encoding='utf-8')), relink, intro)
+        fm, page_nb = to_myst(processed[src.name], relink, intro)
         name = Path(fm.get('output-file') or src.name).stem
         if any(name == p[0] for p in pages): sys.exit(f'build_docs: {src.name} and another notebook both make {name}.html')
         pages.append((name, fm.get('title') or src.stem, page_nb))
