@@ -228,6 +228,8 @@ def build(nbs: Path, site: Path, strict: bool = True) -> Path:
                           '-d', str(proc/'doctrees'), str(src_dir), str(site.resolve())], cwd=ROOT)
     if res.returncode: sys.exit(f'build_docs: sphinx-build failed (exit {res.returncode})')
     shutil.rmtree(site/'.doctrees', ignore_errors=True)
+    sources = site/'_sources'   # left empty: html_copy_source is off
+    if sources.is_dir() and not any(sources.iterdir()): sources.rmdir()
     (site/'.nojekyll').touch()   # GitHub Pages: serve _static/ and _images/ as they are
     return site
 
