@@ -3,6 +3,8 @@
 #   make docs     make course, then build the static site into _docs/
 #   make test     clean/export checks, every notebook at quick size, pytest (the site, the package...)
 #   make dist     the sdist and the wheel into dist/ (what .github/workflows/release.yml publishes)
+#   make ddp      train the lesson's CNN data-parallel, two processes (examples/train_ddp.py)
+#   make gpu-check  the checks that need a GPU, with a report (exits 0 where there is none)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
@@ -10,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.minifast-installed
 
-.PHONY: setup data course docs dist test check-clean check-export nbtest pytest lab bench clean browser
+.PHONY: setup data course docs dist test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check
 
 # --- set-up -----------------------------------------------------------------
 $(STAMP): pyproject.toml requirements/dev.txt
@@ -52,6 +54,14 @@ lab: setup
 
 bench: data
 	$(BIN)/python bench/run.py
+
+# Data-parallel training with two processes on this machine, one thread each (see nbs/09_distributed.ipynb).
+ddp: data
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=2 examples/train_ddp.py
+
+# The checks that need a GPU (notebooks' CUDA paths, a fit with no host sync, DDP on nccl); says so and passes without one.
+gpu-check: data
+	$(BIN)/python tools/gpu_check.py
 
 # --- the tests ----------------------------------------------------------------
 check-clean: setup
