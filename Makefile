@@ -1,7 +1,8 @@
 # minifast: one entry point for set-up, the course, the docs site and the tests.
 #   make course   run every notebook at full size and save its outputs
 #   make docs     make course, then build the static site into _docs/
-#   make test     clean/export checks, every notebook at quick size, pytest
+#   make test     clean/export checks, every notebook at quick size, pytest (the site, the package...)
+#   make dist     the sdist and the wheel into dist/ (what .github/workflows/release.yml publishes)
 #   make ddp      train the lesson's CNN data-parallel, two processes (examples/train_ddp.py)
 #   make gpu-check  the checks that need a GPU, with a report (exits 0 where there is none)
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.minifast-installed
 
-.PHONY: setup data course docs test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check
+.PHONY: setup data course docs dist test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check
 
 # --- set-up -----------------------------------------------------------------
 $(STAMP): pyproject.toml requirements/dev.txt
@@ -41,8 +42,12 @@ course: data
 	MINIFAST_SIZE=full $(BIN)/nbdev-test --n-workers 1 --timing --save --cell-timeout 0
 	$(BIN)/nbdev-clean
 
+# nbdev processes the executed notebooks, Sphinx (myst-nb, sphinx-book-theme) renders them.
 docs: course
 	$(BIN)/python tools/build_docs.py
+
+dist: setup
+	rm -rf dist && $(BIN)/python -m build --outdir dist .
 
 lab: setup
 	$(BIN)/jupyter lab nbs/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
@@ -90,4 +95,4 @@ test: check-clean check-export nbtest pytest
 	@echo "make test: all checks passed"
 
 clean:
-	rm -rf _docs _proc _quick site .pytest_cache test-artifacts
+	rm -rf _docs _proc _quick site dist build .pytest_cache test-artifacts

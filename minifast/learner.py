@@ -7,9 +7,9 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 # %% auto #0
 __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException',
            'NonFiniteLossError', 'Callback', 'Learner', 'snapshot_state', 'restore_state', 'TrainEvalCallback',
-           'MetricsCallback', 'progress_wanted', 'ProgressCallback', 'CheckpointError', 'read_checkpoint',
-           'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states', 'set_rng_states', 'has_state',
-           'SaveCheckpoint']
+           'MetricsCallback', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback', 'CheckpointError',
+           'read_checkpoint', 'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states', 'set_rng_states',
+           'has_state', 'SaveCheckpoint']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
 import copy, math, os, pickle, random, re, sys, tempfile, warnings
@@ -295,7 +295,7 @@ class MetricsCallback(MetricsCallback):
 
 # %% ../nbs/03_learner.ipynb #6c956536
 def progress_wanted() -> bool:
-    "Whether `Learner` adds a `ProgressCallback`: in notebooks and terminals, not under tests, in pipes or on torchrun's ranks but 0."
+    "Whether `Learner` adds a `ProgressCallback`, and whether it shows bars: in notebooks and terminals, not under tests, in pipes or on torchrun's ranks but 0."
     forced = os.environ.get('MINIFAST_PROGRESS')
     if forced is not None: return forced.strip() not in ('0', '', 'false', 'no')
     if os.environ.get('IN_TEST'): return False
@@ -306,28 +306,61 @@ def progress_wanted() -> bool:
     except ImportError: pass
     return sys.stdout is not None and sys.stdout.isatty()
 
+# %% ../nbs/03_learner.ipynb #9f3c2a73
+def plot_losses(history: list, # `MetricsCallback.history`: one dict per epoch
+                ax=None):      # axes to draw into (cleared first); a new figure when None
+    "Plot train and valid loss per epoch from `history`; returns the figure."
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(5, 3))
+    ax.clear()
+    epochs = [row['epoch'] + 1 for row in history]
+    for split in ('train', 'valid'):
+        ax.plot(epochs, [row[f'{split}_loss'] for row in history], 'o-', label=split)
+    ax.set(xlabel='epoch', ylabel='loss', xticks=epochs)
+    ax.legend()
+    return ax.figure
+
+# %% ../nbs/03_learner.ipynb #9f3c2a76
+def show_live(fig, handle=None): # the display handle `show_live` returned for `fig` before, if any
+    "Show `fig` in IPython and return its display handle; given `handle`, update that display in place."
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+        import matplotlib.pyplot as plt
+    except ImportError: return None   # a plain script: the caller keeps the figure
+    if get_ipython() is None: return None
+    plt.close(fig)                    # shown through the handle, not again when the cell ends
+    if handle is None: return display(fig, display_id=True)
+    handle.update(fig)
+    return handle
+
+# %% ../nbs/03_learner.ipynb #9f3c2a77
 class ProgressCallback(Callback):
-    "A fastprogress bar over epochs and, inside it, one over the batches of each pass; `plot=True` adds a live loss plot."
+    "fastprogress bars over epochs and batches where they can be seen; `plot=True` adds a live plot of the losses."
     _order = 20
-    mbar = pbar = None
-    def __init__(self, plot: bool = False): self.plot = plot
+    mbar = pbar = fig = None
+    def __init__(self, plot: bool = False): # redraw the train and valid loss after each epoch
+        self.plot = plot
     def before_fit(self):
-        self.mbar = master_bar(range(self.learn.n_epochs))
-        self.mbar.on_iter_begin()
-        self.mbar.update(0)
-        self.pbar = None
+        self.mbar = self.pbar = self.fig = self._shown = None
+        if progress_wanted():
+            self.mbar = master_bar(range(self.learn.n_epochs))
+            self.mbar.on_iter_begin()
+            self.mbar.update(0)
     def before_epoch(self): self._bar(self.learn.dls.train)
     def before_validate(self): self._bar(self.learn.dls.valid)
     def _bar(self, dl):
+        if self.mbar is None: return
         self.pbar = progress_bar(range(len(dl)), parent=self.mbar, leave=False)
         self.pbar.update(0)
-    def after_batch(self): self.pbar.update(self.learn.iter + 1)
+    def after_batch(self):
+        if self.pbar is not None: self.pbar.update(self.learn.iter + 1)
     def after_epoch(self):
-        self.mbar.update(self.learn.epoch + 1)
+        if self.mbar is not None: self.mbar.update(self.learn.epoch + 1)
         history = getattr(getattr(self.learn, 'metrics', None), 'history', None)
-        if self.plot and history:
-            epochs = list(range(1, len(history) + 1))
-            self.mbar.update_graph([[epochs, [h['train_loss'] for h in history]], [epochs, [h['valid_loss'] for h in history]]])
+        if self.plot and history:   # the plot needs a MetricsCallback
+            self.fig = plot_losses(history, None if self.fig is None else self.fig.axes[0])
+            self._shown = show_live(self.fig, self._shown)
     def after_fit(self):
         if self.pbar is not None: self.pbar.on_iter_end()
         if self.mbar is not None: self.mbar.on_iter_end()
