@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml requirements/dev.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements/dev.txt
 	$(BIN)/pip install -q --no-deps -e .
+	# what a fresh install of the wheel needs (torch, minifast's dependencies and theirs), kept on disk so that
+	# tests/test_package.py installs the built wheel into a new venv without the network
+	$(BIN)/pip download -q -d $(VENV)/wheelhouse torch==2.13.0 .
 	touch $(STAMP)
 
 setup: $(STAMP)

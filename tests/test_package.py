@@ -1,8 +1,9 @@
 """minifast as a user installs it: the built wheel in a fresh virtual environment that already has torch.
 
 `python -m build` makes the sdist and, from it, the wheel (so the sdist is checked too). A new venv gets
-`torch` first (the pinned version, as the Makefile installs it), then the wheel with its dependencies
-from the package index. Then:
+`torch` first (the pinned version, as the Makefile installs it), then the wheel with its dependencies.
+Nothing comes from the network: the build uses this venv's setuptools (`--no-isolation`), and the installs
+come from `.venv/wheelhouse`, which `make setup` fills with `pip download`. Then:
 - the installed packages are the venv's own (pip), torch and its dependencies, minifast, and what
   minifast's `pyproject.toml` declares and those need: nothing else (fastprogress 1.1 would bring a
   web framework; see 03's "Progress");
@@ -15,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_PIN = re.search(r'torch==([\w.+]+)', (ROOT/'Makefile').read_text())[1]   # the version `make setup` installs
+WHEELHOUSE = Path(sys.prefix) / 'wheelhouse'   # in the venv that runs the tests, filled by `make setup`
+OFFLINE = ['--no-index', '--find-links', WHEELHOUSE]
 
 
 def run(*cmd, **kwargs):
@@ -33,7 +36,7 @@ def work():
 def dist(work):
     "The sdist and the wheel, built as a release builds them."
     out = work/'dist'
-    run(sys.executable, '-m', 'build', '--outdir', out, ROOT, cwd=work)
+    run(sys.executable, '-m', 'build', '--no-isolation', '--outdir', out, ROOT, cwd=work)
     wheels, sdists = list(out.glob('minifast-*.whl')), list(out.glob('minifast-*.tar.gz'))
     assert len(wheels) == 1 and len(sdists) == 1, list(out.iterdir())
     return wheels[0], sdists[0]
@@ -42,12 +45,13 @@ def dist(work):
 @pytest.fixture(scope='module')
 def venv(work, dist):
     "A fresh venv with torch, then the wheel; returns its python."
+    if not WHEELHOUSE.is_dir(): pytest.fail(f'{WHEELHOUSE} is missing: `make setup` downloads what the wheel needs there')
     env_dir = work/'venv'
     run(sys.executable, '-m', 'venv', env_dir)
     py = env_dir/'bin/python'
     seed = {p['name'].lower() for p in json.loads(run(py, '-m', 'pip', 'list', '--format=json'))}
-    run(py, '-m', 'pip', 'install', '-q', '--no-compile', f'torch=={TORCH_PIN}')   # no .pyc: torch has thousands of files
-    run(py, '-m', 'pip', 'install', '-q', '--no-compile', dist[0])
+    run(py, '-m', 'pip', 'install', '-q', '--no-compile', *OFFLINE, f'torch=={TORCH_PIN}')   # no .pyc: torch has thousands of files
+    run(py, '-m', 'pip', 'install', '-q', '--no-compile', *OFFLINE, dist[0])
     return py, seed
 
 
