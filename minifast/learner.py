@@ -138,89 +138,94 @@ def restore_state(snapshot: tuple): # what `snapshot_state` returned
             else: setattr(m, name, saved)                 # replaced by the forward pass
     for m, state in extra: m.set_extra_state(state)
 
-# %% ../nbs/03_learner.ipynb #30323901
-class Learner(Learner):
-    _resume_mid_epoch = None   # a checkpoint taken mid-epoch, until its epoch starts (see "Resuming a fit")
+# %% ../nbs/03_learner.ipynb #a89b6c2d
+Learner._resume_mid_epoch = None   # a checkpoint taken mid-epoch, until its epoch starts (see "Resuming a fit")
 
-    def _one_batch(self, xb, yb):
-        self.xb, self.yb = xb, yb
-        try:
-            self('before_batch')
-            if self.in_train and self.nonfinite == 'skip': self._before_forward = snapshot_state(self.model)
-            self.pred = self.model(self.xb)
-            self('after_pred')
-            try: self.loss = self.loss_func(self.pred, self.yb)
-            except Exception as e:
-                e.add_note(f"minifast: loss_func got predictions of shape {tuple(self.pred.shape)} "
-                           f"and targets of shape {tuple(self.yb.shape)}")
-                raise
-            self('after_loss')
-            if self.in_train:
-                if self.nonfinite != 'ignore': self._check_finite()
-                self.loss.backward()
-                self('after_backward')
-                self.opt.step()
-                self('after_step')
-                self.opt.zero_grad()
-        except CancelBatchException: self('after_cancel_batch')
-        self('after_batch')
-
-    def _check_finite(self):
-        before, self._before_forward = self._before_forward, None
-        if math.isfinite(self.loss.item()): return   # one host read; free on the CPU
-        if self.nonfinite == 'skip':
-            restore_state(before)   # undo what the forward pass did to BatchNorm's running statistics
-            self.n_skipped_batches += 1
-            raise CancelBatchException()
-        raise NonFiniteLossError(f"the training loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}; "
-                                 "the step was not taken. Lower the learning rate, or pass nonfinite='skip'.")
-
-    def _all_batches(self, dl):
-        self.dl, self.iters = dl, len(dl)
-        try:
-            resuming = self._resume_mid_epoch is not None and self.in_train
-            for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
-        except CancelEpochException: self('after_cancel_epoch')
-
-    def _after_fit(self, error):
-        "Run every callback's `after_fit`, even if some fail; never hide `error`, the fit's own exception."
-        failures = []
-        for cb, method in self._dispatch['after_fit']:
-            try: method()
-            except Exception as e:
-                e.add_note(f"minifast: raised in {type(cb).__name__}.after_fit")
-                failures.append(e)
-        first = error if error is not None else (failures[0] if failures else None)
-        for e in failures:
-            if e is not first: first.add_note(f"minifast: also, {e!r} was raised in after_fit")
-        if error is None and first is not None: raise first
-
-    def fit(self, n_epochs: int, cbs=None,
-            resume_from=None): # a checkpoint written by `SaveCheckpoint`: go on from where that fit was
-        "Train for `n_epochs`, with extra callbacks `cbs` attached for this fit only."
-        if len(self.dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
-        cbs = listify(cbs)
-        checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, cbs)
-        self.add_cbs(cbs)
-        self.n_epochs, self.loss = n_epochs, torch.tensor(0.)
-        try:
-            try:
-                self('before_fit')
-                first_epoch = 0 if checkpoint is None else self._resume_fit(checkpoint)
-                for self.epoch in range(first_epoch, n_epochs):
-                    if not self('before_epoch'): self._all_batches(self.dls.train)
-                    with torch.no_grad():
-                        if not self('before_validate'): self._all_batches(self.dls.valid)
-                    self('after_epoch')
-            except CancelTrainException: self('after_cancel_train')
-        except BaseException as e:
-            self._after_fit(e)
+@patch
+def _one_batch(self: Learner, xb, yb):
+    self.xb, self.yb = xb, yb
+    try:
+        self('before_batch')
+        if self.in_train and self.nonfinite == 'skip': self._before_forward = snapshot_state(self.model)
+        self.pred = self.model(self.xb)
+        self('after_pred')
+        try: self.loss = self.loss_func(self.pred, self.yb)
+        except Exception as e:
+            e.add_note(f"minifast: loss_func got predictions of shape {tuple(self.pred.shape)} "
+                       f"and targets of shape {tuple(self.yb.shape)}")
             raise
-        else: self._after_fit(None)
-        finally:
-            self.remove_cbs(cbs)
-            self._resume_mid_epoch = None
-        return self
+        self('after_loss')
+        if self.in_train:
+            if self.nonfinite != 'ignore': self._check_finite()
+            self.loss.backward()
+            self('after_backward')
+            self.opt.step()
+            self('after_step')
+            self.opt.zero_grad()
+    except CancelBatchException: self('after_cancel_batch')
+    self('after_batch')
+
+# %% ../nbs/03_learner.ipynb #67b55821
+@patch
+def _check_finite(self: Learner):
+    before, self._before_forward = self._before_forward, None
+    if math.isfinite(self.loss.item()): return   # one host read; free on the CPU
+    if self.nonfinite == 'skip':
+        restore_state(before)   # undo what the forward pass did to BatchNorm's running statistics
+        self.n_skipped_batches += 1
+        raise CancelBatchException()
+    raise NonFiniteLossError(f"the training loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}; "
+                             "the step was not taken. Lower the learning rate, or pass nonfinite='skip'.")
+
+@patch
+def _all_batches(self: Learner, dl):
+    self.dl, self.iters = dl, len(dl)
+    try:
+        resuming = self._resume_mid_epoch is not None and self.in_train
+        for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
+    except CancelEpochException: self('after_cancel_epoch')
+
+# %% ../nbs/03_learner.ipynb #47d791a0
+@patch
+def _after_fit(self: Learner, error):
+    "Run every callback's `after_fit`, even if some fail; never hide `error`, the fit's own exception."
+    failures = []
+    for cb, method in self._dispatch['after_fit']:
+        try: method()
+        except Exception as e:
+            e.add_note(f"minifast: raised in {type(cb).__name__}.after_fit")
+            failures.append(e)
+    first = error if error is not None else (failures[0] if failures else None)
+    for e in failures:
+        if e is not first: first.add_note(f"minifast: also, {e!r} was raised in after_fit")
+    if error is None and first is not None: raise first
+
+# %% ../nbs/03_learner.ipynb #77f1d8d0
+@patch
+def fit(self: Learner, n_epochs: int, cbs=None,
+        resume_from=None): # a checkpoint written by `SaveCheckpoint`: go on from where that fit was
+    "Train for `n_epochs`, with extra callbacks `cbs` attached for this fit only."
+    if len(self.dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
+    cbs = listify(cbs)
+    checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, cbs)
+    self.add_cbs(cbs)
+    self.n_epochs, self.loss = n_epochs, torch.tensor(0.)
+    try:
+        try:
+            self('before_fit')
+            first_epoch = 0 if checkpoint is None else self._resume_fit(checkpoint)
+            for self.epoch in range(first_epoch, n_epochs):
+                if not self('before_epoch'): self._all_batches(self.dls.train)
+                with torch.no_grad():
+                    if not self('before_validate'): self._all_batches(self.dls.valid)
+                self('after_epoch')
+        except CancelTrainException: self('after_cancel_train')
+    except BaseException as e:
+        self._after_fit(e)
+        raise
+    else: self._after_fit(None)
+    finally: self.remove_cbs(cbs); self._resume_mid_epoch = None
+    return self
 
 # %% ../nbs/03_learner.ipynb #9db1da6e
 class TrainEvalCallback(Callback):
@@ -435,29 +440,29 @@ def opt_mismatches(opt, names: list, # `param_names` of `opt` here
     return problems
 
 # %% ../nbs/03_learner.ipynb #97f8f6c1
-class Learner(Learner):
-    def save(self, path,
-             fit: dict = None): # the state of a fit in progress, as `SaveCheckpoint` collects it, to resume from
-        "Save the model (parameters and buffers) and the optimiser state to `path`, atomically, with the format and versions."
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = {'format': 'minifast checkpoint', 'version': CHECKPOINT_VERSION, 'minifast': __version__, 'torch': str(torch.__version__),
-                'model': self.model.state_dict(), 'opt': self.opt.state_dict(), 'opt_params': param_names(self.model, self.opt)}
-        if fit is not None: ckpt['fit'] = fit
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                torch.save(ckpt, f)
-                f.flush(); os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)   # mkstemp makes it private; a checkpoint is an ordinary file
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp): os.remove(tmp)
-        if os.name == 'posix':     # make the rename itself durable, should the power fail next
-            folder = os.open(path.parent, os.O_RDONLY)
-            try: os.fsync(folder)
-            finally: os.close(folder)
-        return path
+@patch
+def save(self: Learner, path,
+         fit: dict = None): # the state of a fit in progress, as `SaveCheckpoint` collects it, to resume from
+    "Save the model (parameters and buffers) and the optimiser state to `path`, atomically, with the format and versions."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {'format': 'minifast checkpoint', 'version': CHECKPOINT_VERSION, 'minifast': __version__, 'torch': str(torch.__version__),
+            'model': self.model.state_dict(), 'opt': self.opt.state_dict(), 'opt_params': param_names(self.model, self.opt)}
+    if fit is not None: ckpt['fit'] = fit
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes it private; a checkpoint is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    if os.name == 'posix':     # make the rename itself durable, should the power fail next
+        folder = os.open(path.parent, os.O_RDONLY)
+        try: os.fsync(folder)
+        finally: os.close(folder)
+    return path
 
 # %% ../nbs/03_learner.ipynb #ckpt-load
 def _mismatch_error(path, problems: list, what: str = 'does not fit this learner') -> CheckpointError:
@@ -465,25 +470,26 @@ def _mismatch_error(path, problems: list, what: str = 'does not fit this learner
     return CheckpointError(f"{path} {what} ({len(problems)} mismatch{'es' if len(problems) > 1 else ''}); nothing was changed:\n  "
                            + '\n  '.join(shown))
 
-class Learner(Learner):
-    def _mismatches(self, ckpt) -> tuple:
-        "The model's and the optimiser's mismatches with `ckpt`."
-        return (model_mismatches(self.model, ckpt['model']),
-                opt_mismatches(self.opt, param_names(self.model, self.opt), ckpt['opt'], ckpt.get('opt_params')))
+@patch
+def _mismatches(self: Learner, ckpt) -> tuple:
+    "The model's and the optimiser's mismatches with `ckpt`."
+    return (model_mismatches(self.model, ckpt['model']),
+            opt_mismatches(self.opt, param_names(self.model, self.opt), ckpt['opt'], ckpt.get('opt_params')))
 
-    def load(self, path,
-             strict: bool = True): # False: load the model's entries that fit, warn about the rest
-        "Load a checkpoint into the model and the optimiser: all of it, or, if any part does not fit, nothing."
-        ckpt = read_checkpoint(path)
-        model_problems, opt_problems = self._mismatches(ckpt)
-        problems = [f"{k}: {why}" for k, why in model_problems.items()] + opt_problems
-        if strict and problems: raise _mismatch_error(path, problems)
-        self.model.load_state_dict({k: v for k, v in ckpt['model'].items() if k not in model_problems}, strict=not problems)
-        if not problems: self.opt.load_state_dict(ckpt['opt'])
-        else: warnings.warn(f"{path}: loaded {len(ckpt['model'].keys() - model_problems.keys())} of the model's entries; skipped "
-                            f"{len(model_problems)} entries and the optimiser state:\n  " + '\n  '.join(problems[:5])
-                            + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ''), stacklevel=2)
-        return self
+@patch
+def load(self: Learner, path,
+         strict: bool = True): # False: load the model's entries that fit, warn about the rest
+    "Load a checkpoint into the model and the optimiser: all of it, or, if any part does not fit, nothing."
+    ckpt = read_checkpoint(path)
+    model_problems, opt_problems = self._mismatches(ckpt)
+    problems = [f"{k}: {why}" for k, why in model_problems.items()] + opt_problems
+    if strict and problems: raise _mismatch_error(path, problems)
+    self.model.load_state_dict({k: v for k, v in ckpt['model'].items() if k not in model_problems}, strict=not problems)
+    if not problems: self.opt.load_state_dict(ckpt['opt'])
+    else: warnings.warn(f"{path}: loaded {len(ckpt['model'].keys() - model_problems.keys())} of the model's entries; skipped "
+                        f"{len(model_problems)} entries and the optimiser state:\n  " + '\n  '.join(problems[:5])
+                        + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ''), stacklevel=2)
+    return self
 
 # %% ../nbs/03_learner.ipynb #ckpt-rng
 def _loaders(dls): return [(name, getattr(dls, name, None)) for name in ('train', 'valid')]
