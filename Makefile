@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.minifast-installed
 
-.PHONY: setup data course docs test check-clean check-export nbtest pytest lab bench clean browser
+.PHONY: setup data course docs test check-clean check-export nbtest pytest lab bench clean browser tensorboard
 
 # --- set-up -----------------------------------------------------------------
 $(STAMP): pyproject.toml requirements/dev.txt
@@ -47,6 +47,11 @@ lab: setup
 
 bench: data
 	$(BIN)/python bench/run.py
+
+# TensorBoard on the runs the notebooks write under runs/ (08_gradients writes runs/08_gradients/); open http://localhost:6006
+tensorboard: setup
+	mkdir -p runs
+	$(BIN)/tensorboard --logdir runs --port 6006
 
 # --- the tests ----------------------------------------------------------------
 check-clean: setup
