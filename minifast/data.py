@@ -22,6 +22,7 @@ class DataFileError(ValueError):
 
 _IDX_TYPES = {0x08: torch.uint8}
 
+# %% ../nbs/01_data.ipynb #a8b776bc
 def read_idx(path) -> torch.Tensor:
     "Read an idx file (optionally gzipped) into a tensor, checking its magic number, dimensions and size."
     path = Path(path)
@@ -76,6 +77,7 @@ DATASETS = {
             't10k-labels-idx1-ubyte.gz':  'f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6'}),
 }
 
+# %% ../nbs/01_data.ipynb #c787de07
 def cache_dir(name: str) -> Path:
     "The per-user cache folder for data set `name`."
     root = Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')
@@ -104,6 +106,7 @@ def find_data_dir(name: str, path=None):
 class DownloadError(OSError):
     "A download failed or brought the wrong bytes; nothing was left in the destination."
 
+# %% ../nbs/01_data.ipynb #8ce8da20
 def download_file(url: str, dest, sha256: str, timeout: float = 30.0, chunk_size: int = 1 << 16) -> Path:
     "Download `url` to `dest`, verified against `sha256`, through a temporary file renamed into place."
     dest = Path(dest)

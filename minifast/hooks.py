@@ -6,8 +6,8 @@ Docs: https://minifast.github.io/minifast/cuda_cnn_hooks_init.html.md"""
 
 # %% auto #0
 __all__ = ['Lambda', 'flatten', 'view_tfm', 'BatchTransformXCallback', 'GeneralRelu', 'conv_layer', 'get_cnn_model',
-           'default_device', 'DeviceCallback', 'HookRemovedError', 'Hook', 'Hooks', 'sample_step', 'ActivationStats',
-           'init_cnn']
+           'default_device', 'DeviceCallback', 'HookRemovedError', 'Hook', 'Hooks', 'init_cnn', 'sample_step',
+           'ActivationStats']
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #cdd9c1bf
 import math, weakref
@@ -85,7 +85,7 @@ class DeviceCallback(Callback):
         learn = self.learn
         learn.xb, learn.yb = learn.xb.to(self.device, non_blocking=True), learn.yb.to(self.device, non_blocking=True)
 
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #475369c5
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #335f9d25
 class HookRemovedError(RuntimeError):
     "A `Hook` was used after `remove()`."
 
@@ -96,6 +96,7 @@ def _forward_hook(hook_ref, func):
         if hook is not None: func(hook, module, inputs, output)
     return forward_hook
 
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #daca1794
 class Hook:
     "Calls `func(hook, module, input, output)` after each forward pass of `module`; removes itself when deleted."
     def __init__(self, module: nn.Module, func):
@@ -117,6 +118,7 @@ class Hook:
 
     def __del__(self): self.remove()
 
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #e795d856
 class Hooks:
     "One `Hook` per module in `modules`; a context manager that removes them all on exit."
     def __init__(self, modules, func): self.hooks = [Hook(m, func) for m in listify(modules)]
@@ -129,6 +131,16 @@ class Hooks:
     def remove(self):
         "Remove every hook."
         for h in self.hooks: h.remove()
+
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #6149a42b
+def init_cnn(model: nn.Module, uniform: bool = False, leak: float = 0.) -> nn.Module:
+    "Kaiming-initialise every `nn.Conv2d` of `model` (normal or uniform, `a=leak`) and zero its bias."
+    init = nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            init(m.weight, a=leak)
+            if m.bias is not None: nn.init.zeros_(m.bias)
+    return model
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #d5cf0680
 def sample_step(n: int, max_samples: int) -> int:
@@ -294,13 +306,3 @@ def plot_near_zero(self: ActivationStats):
     for layer, share in enumerate(self.near_zero_share): ax.plot(share, label=f'layer {layer}')
     ax.set_ylim(0, 1); ax.set_ylabel(f'share with |a| < {self.near_zero}'); ax.set_xlabel('recorded batch'); ax.legend(fontsize=8)
     return fig
-
-# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #6149a42b
-def init_cnn(model: nn.Module, uniform: bool = False, leak: float = 0.) -> nn.Module:
-    "Kaiming-initialise every `nn.Conv2d` of `model` (normal or uniform, `a=leak`) and zero its bias."
-    init = nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            init(m.weight, a=leak)
-            if m.bias is not None: nn.init.zeros_(m.bias)
-    return model

@@ -59,6 +59,7 @@ def _event_handlers(cbs, event):
 
 _CANCELS = (CancelTrainException, CancelEpochException, CancelBatchException)
 
+# %% ../nbs/03_learner.ipynb #238d9392
 class Learner:
     "Model, data, loss and optimiser, and a `fit` loop that calls its callbacks at each event."
     def __init__(self, model: nn.Module, dls, loss_func, lr: float = 1e-2,
@@ -82,6 +83,8 @@ class Learner:
         if default_cbs and progress_wanted(): defaults.append(ProgressCallback())
         self.add_cbs(defaults + listify(cbs))
 
+# %% ../nbs/03_learner.ipynb #99b8dbdd
+class Learner(Learner):
     def add_cbs(self, cbs):
         "Attach callbacks: each is stored as `self.<cb.name>` and dispatched in `_order`."
         for cb in listify(cbs):
@@ -100,6 +103,8 @@ class Learner:
         self._dispatch = {event: _event_handlers(self.cbs, event) for event in EVENTS}
         return self
 
+# %% ../nbs/03_learner.ipynb #38d33fa4
+class Learner(Learner):
     def __call__(self, event: str) -> bool:
         "Run `event` on every callback that handles it; True if any asked to skip what follows."
         skip = False
@@ -250,6 +255,8 @@ class MetricsCallback(Callback):
     def before_batch(self): self._cancelled = False
     def after_cancel_batch(self): self._cancelled = True
 
+# %% ../nbs/03_learner.ipynb #488fac5c
+class MetricsCallback(MetricsCallback):
     def after_batch(self):
         "Add the batch's loss and metrics, weighted by its size, unless the batch was cancelled."
         if self._cancelled: return

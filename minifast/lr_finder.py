@@ -30,6 +30,8 @@ class LRFinder(Callback):
         for group in learn.opt.param_groups: group['lr'] = lr
         self.lrs.append(lr)
 
+# %% ../nbs/05_lr_finder.ipynb #c16b33c2
+class LRFinder(LRFinder):
     def after_loss(self):
         learn = self.learn
         if not learn.in_train: return
@@ -63,6 +65,7 @@ class LRFindResult:
             ax.legend()
         return fig
 
+# %% ../nbs/05_lr_finder.ipynb #babbf68c
 def suggest_lr(lrs, losses, beta: float = 0.98, skip_start: int = 10):
     "The lr where the smoothed loss falls fastest per unit of log lr, between `skip_start` and the loss's minimum."
     finite = [(lr, l) for lr, l in zip(lrs, losses) if math.isfinite(l)]
@@ -77,6 +80,7 @@ def suggest_lr(lrs, losses, beta: float = 0.98, skip_start: int = 10):
     if not slopes: return None
     return finite[min(slopes, key=slopes.get)][0]
 
+# %% ../nbs/05_lr_finder.ipynb #c995b780
 def lr_find(learn, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 100, stop_factor: float = 10.) -> LRFindResult:
     "Run an `LRFinder` on `learn`, then restore its model and optimiser exactly as they were."
     model_state = copy.deepcopy(learn.model.state_dict())
