@@ -15,8 +15,9 @@ import torch
 from torch import nn
 import matplotlib.pyplot as plt
 from fastcore.basics import patch
+from .foundations import listify
 from .learner import Callback
-from .hooks import ActivationStats, sample_step
+from .hooks import ActivationStats, GeneralRelu, sample_step
 
 # %% ../nbs/08_gradients.ipynb #952ddb8a
 def _check_every(name, every):
@@ -28,7 +29,7 @@ class GradientStats(ActivationStats):
                  every: int = 1, # record every `every`-th training batch
                  bins: int = 40, # histogram bins over `hist_range`
                  hist_range=(-10., 0.), # the range of log10|gradient| the histogram covers
-                 hist_sample: int | None = 4096): # histogram at most this many values per layer and batch, spread evenly; None: all
+                 hist_sample: int | None = 2048): # histogram at most this many values per layer and batch, spread evenly; None: all
         _check_every('GradientStats', every)
         low, high = hist_range
         if bins < 1 or not low < high: raise ValueError(f"GradientStats: need bins ≥ 1 and low < high, got bins={bins}, hist_range={hist_range}")
@@ -42,10 +43,14 @@ class GradientStats(ActivationStats):
         self.stats = None
 
     def before_fit(self):
-        if not any(p.requires_grad for p in self.learn.model.parameters()):
+        model = self.learn.model
+        if not (listify(self.modules) or any(isinstance(m, GeneralRelu) for m in model.modules())):
+            raise ValueError("GradientStats: no layers to watch (the model has no GeneralRelu; pass modules=)")
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("GradientStats: the model has no parameters that need gradients, so there is no backward pass to watch")
         super().before_fit()
         self._calls = [(0, 0)] * len(self._seen)   # per layer, this batch: values and sampled values over all calls
+        self._sample_steps = {}                     # number of values -> the histogram sample's step
 
     def _record(self, hook, module, inputs, output):
         "The forward hook: on recorded training batches, hook the gradient of the output."
@@ -60,7 +65,8 @@ def _record_grad(self: GradientStats, layer, grad):
     "The tensor hook: write (or, for a second call, add) this gradient's sums and counts into `layer`'s row."
     g = grad.detach().reshape(-1)
     if g.dtype != torch.float32: g = g.float()
-    step = 1 if self.hist_sample is None else sample_step(g.numel(), self.hist_sample)
+    step = self._sample_steps.get(g.numel())
+    if step is None: step = self._sample_steps[g.numel()] = 1 if self.hist_sample is None else sample_step(g.numel(), self.hist_sample)
     magnitudes = g[::step].abs()
     logs = torch.log10(magnitudes).clamp_(*self._clamp).masked_fill_(magnitudes == 0, self._zero_at)
     total, squares, _, counts = self._views[layer]
@@ -102,7 +108,7 @@ def zero_share(self: GradientStats) -> torch.Tensor:
 
 @patch(as_prop=True)
 def near_zero_share(self: GradientStats):
-    raise AttributeError("GradientStats has no near_zero_share: gradients are histogrammed on a log scale; see zero_share")
+    raise NotImplementedError("GradientStats has no near_zero_share: gradients are histogrammed on a log scale; see zero_share")
 
 # %% ../nbs/08_gradients.ipynb #c5d5a165
 @patch
@@ -154,7 +160,9 @@ class UpdateStats(Callback):
 # %% ../nbs/08_gradients.ipynb #4981193c
 def _norms_into(tensors, row):
     "The norm of each tensor, written into `row` on the device."
-    torch.stack([n.float() for n in torch._foreach_norm(tensors)], out=row)
+    norms = torch._foreach_norm(tensors)
+    if any(n.dtype != row.dtype for n in norms): norms = [n.to(row.dtype) for n in norms]   # half-precision weights
+    torch.stack(norms, out=row)
 
 @patch
 def after_backward(self: UpdateStats):
