@@ -41,8 +41,9 @@ GRADS_CONTEXT = ('**The cost of looking inside the backward pass, in context.** 
                  'pass alone is in the ActivationStats rows above.')
 TITLES = {'loop': 'Learner.fit vs a hand-written loop', 'stats': 'ActivationStats on every GeneralRelu, every batch',
           'grads': 'GradientStats on every GeneralRelu, UpdateStats on every parameter, every batch',
-          'norms': 'Norm layers vs nn.BatchNorm2d', 'rbn': 'RunningBatchNorm vs nn.BatchNorm2d'}
-ORDER = ('loop', 'stats', 'grads', 'norms', 'rbn')
+          'norms': 'Norm layers vs nn.BatchNorm2d', 'rbn': 'RunningBatchNorm vs nn.BatchNorm2d',
+          'ddp': 'Data parallel: 2 processes vs 1'}
+ORDER = ('loop', 'stats', 'grads', 'norms', 'rbn', 'ddp')
 
 
 def _peer(c, name):
@@ -94,6 +95,30 @@ def raw_tables(comparisons):
             warmup_text = '' if warmup is None else f'{warmup:.2f}'
             lines.append(f'| {arm} | ' + ' | '.join(f'{s:.3f}' for s in secs) + f' | {warmup_text} | {loss_text} |')
     return lines
+
+
+def ddp_section(comparisons):
+    "Samples per second and bytes per step of the `ddp` measure, and what they mean for N GPUs."
+    rows = [c for c in comparisons if c['measure'] == 'ddp']
+    if not rows: return []
+    c = rows[0]
+    rate, ref_rate = c['n_train'] / statistics.median(c['seconds']), c['n_train'] / statistics.median(c['ref_seconds'])
+    b = c['bytes_per_step']
+    return ['', '## Data parallel: 2 processes × 1 thread vs 1 process × 2 threads', '',
+            f"One epoch of the lesson's CNN at a global batch of 512 ({c['batches']}; the small validation pass is inside the time), "
+            '`DistributedCallback` on gloo with `torchrun --standalone --nproc_per_node=2` and `OMP_NUM_THREADS=1`, against a '
+            'plain `Learner.fit` with 2 threads; interleaved round by round (bench/ddp_worker.py waits for a file per round).', '',
+            f"- training samples per second (medians): **{rate:,.0f}** on 2 processes, **{ref_rate:,.0f}** on 1 process: "
+            f"{rate / ref_rate:.2f} of the single process's (target: at least 0.80)",
+            f"- all-reduced per step and rank: {b['gradients']:,} bytes of gradients (every parameter, float32, in DDP's buckets), "
+            f"{b['loss']} bytes for the global loss and batch size, and {b['buffers_broadcast']:,} bytes of buffers that DDP broadcasts "
+            '(none here: the CNN has no norm layer; synced norm layers add 2 × channels + 2 numbers per layer and step)',
+            f"- for N GPUs: a ring all-reduce moves 2(N−1)/N × {b['total']:,} bytes per rank and step, under 2 × {b['total'] / 1e6:.2f} MB "
+            'whatever N, which a PCIe or NVLink link moves in well under a millisecond: for a model this small each step is '
+            'bound by latency (a few collectives per step), not bandwidth, and the speed-up comes from each GPU doing 1/N of '
+            'the arithmetic. On 2 CPU cores both arms share the same 2 cores, so the aim here is to lose little, not to gain. '
+            'Two threads on a busy machine can be several times slower than one (their OpenMP barriers wait for a descheduled '
+            'thread): read this figure only from a quiet machine.']
 
 
 def memory_section(memory):
@@ -221,6 +246,7 @@ def write_markdown(results, path):
         lines += ['', GRADS_CONTEXT]
     lines += ['', '### Raw seconds']
     lines += raw_tables(comparisons) + ['']
+    lines += ddp_section(comparisons)
     lines += memory_section(results['memory'])
     lines += profile_section(results['profiles'])
     lines += ['', '## 7. Reading the figures', '']

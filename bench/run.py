@@ -9,7 +9,7 @@ arm seconds / reference seconds in the same round, so a slow spell on a busy mac
 A full run writes bench/RESULTS.md and bench/results.png (committed); other runs (--quick, --only)
 write to bench/out/ (ignored by git) unless --out says otherwise. Raw data: results.json beside them.
 """
-import argparse, datetime, gc, json, os, platform, statistics, subprocess, sys, time, weakref
+import argparse, datetime, gc, json, os, platform, signal, statistics, subprocess, sys, tempfile, time, weakref
 from functools import partial
 from pathlib import Path
 
@@ -63,6 +63,9 @@ TARGETS = {('loop', 'Learner.fit', 512): 1.03, ('loop', 'Learner.fit', 32): 1.05
            ('rbn', RBN_COMPILED, 512): 1.05, ('rbn', RBN_COMPILED, 2): 1.15,
            ('grads', 'with GradientStats', 512): 1.10, ('grads', 'with GradientStats', 32): 1.15,
            ('grads', 'with UpdateStats', 512): 1.05, ('grads', 'with UpdateStats', 32): 1.10}
+DDP_ARM, DDP_REFERENCE = '2 processes × 1 thread', '1 process × 2 threads'
+TARGETS[('ddp', DDP_ARM, 512)] = 1.25   # at least 0.8 of the single process's samples per second
+DDP_BATCHES = {'full': 96, 'quick': 4}   # training batches of 512 per epoch in the ddp measure
 for _norm in ('BatchNorm', 'LayerNorm', 'GroupNorm(4)', 'InstanceNorm'):
     for _bs in (512, 32): TARGETS[('norms', _norm, _bs)] = 1.10
 
@@ -336,6 +339,52 @@ def measure_profiles(data, sizes, log, traces=None):
     return profiles
 
 
+def measure_ddp(data, mode, rounds, log):
+    """7. Data parallel: one epoch at a global batch of 512 on 2 processes × 1 thread (DistributedCallback, gloo) against
+    1 process × 2 threads, interleaved: the two-process run waits for a file per round (bench/ddp_worker.py)."""
+    import ddp_worker
+    n_train = DDP_BATCHES[mode] * 512
+    folder = Path(tempfile.mkdtemp(prefix='minifast-bench-ddp-'))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(BENCH / 'ddp_worker.py'), str(folder), str(n_train), str(rounds)]
+    log(f'  ddp at global batch size 512: {DDP_ARM} vs {DDP_REFERENCE} ({DDP_BATCHES[mode]}+1 batches, {rounds} rounds)')
+    proc = subprocess.Popen(cmd, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    def wait_done(r):
+        while not (folder / f'done{r}').exists():
+            if proc.poll() is not None: raise RuntimeError(f'bench ddp: torchrun exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}')
+            time.sleep(0.01)
+        return float((folder / f'done{r}').read_text())
+    try:
+        ddp_worker.make_learner(data, 3 * 512).fit(1)   # untimed warm-up, as for the other measures
+        seconds, ref_seconds, ref_losses = [], [], []
+        for r in range(rounds):
+            for arm in ((DDP_REFERENCE, DDP_ARM) if r % 2 == 0 else (DDP_ARM, DDP_REFERENCE)):
+                if arm == DDP_ARM:
+                    (folder / f'go{r}').touch()
+                    seconds.append(wait_done(r))
+                    continue
+                learn = ddp_worker.make_learner(data, n_train)
+                gc.collect()
+                start = time.perf_counter()
+                learn.fit(1)
+                ref_seconds.append(time.perf_counter() - start)
+                ref_losses.append(learn.metrics.history[-1]['valid_loss'])
+            log(f'    round {r + 1}/{rounds}: {DDP_REFERENCE} {ref_seconds[-1]:.2f}s, {DDP_ARM} {seconds[-1]:.2f}s')
+        proc.wait(timeout=120)
+        info = json.loads((folder / 'info.json').read_text())
+    finally:
+        if proc.poll() is None: os.killpg(proc.pid, signal.SIGKILL)
+    ratios = [a / b for a, b in zip(seconds, ref_seconds)]
+    row = dict(measure='ddp', arm=DDP_ARM, reference=DDP_REFERENCE, batch_size=512,
+               batches=f'{DDP_BATCHES[mode]}+1 batches ({n_train:,}+1,024 images)', rounds=rounds, ratios=ratios,
+               median=statistics.median(ratios), seconds=seconds, ref_seconds=ref_seconds, losses=info['losses'],
+               ref_losses=ref_losses, warmup_s=None, ref_warmup_s=None, target=TARGETS[('ddp', DDP_ARM, 512)], note='',
+               n_train=n_train, bytes_per_step=info['bytes_per_step'])
+    log(f"    -> {DDP_ARM} / {DDP_REFERENCE}: median {row['median']:.3f}; {info['bytes_per_step']['total']:,} bytes all-reduced per step")
+    return [row]
+
+
 # --- the machine ----------------------------------------------------------------------------------
 def machine_info():
     cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), platform.processor())
@@ -353,7 +402,7 @@ def load_average():
 
 
 # --- main -----------------------------------------------------------------------------------------
-MEASURES = ('loop', 'stats', 'grads', 'norms', 'memory', 'profile')
+MEASURES = ('loop', 'stats', 'grads', 'norms', 'memory', 'profile', 'ddp')
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -399,6 +448,7 @@ def main(argv=None):
     if 'norms' in only: comparisons += measure_norms(data, sizes, rounds, log)
     if 'memory' in only: memory = measure_memory(data, sizes, MEMORY_FITS[mode], log)
     if 'profile' in only: profiles = measure_profiles(data, sizes, log, BENCH / 'out' / 'traces' if args.traces else None)
+    if 'ddp' in only: comparisons += measure_ddp(data, mode, rounds, log)
     info.update(load_end=load_average(), duration_s=time.perf_counter() - started)
 
     results = dict(info=info, comparisons=comparisons, memory=memory, profiles=profiles)

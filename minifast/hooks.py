@@ -16,7 +16,7 @@ from torch import nn
 import matplotlib.pyplot as plt
 from fastcore.basics import patch
 from .foundations import listify
-from .learner import Callback
+from .learner import Callback, CheckpointError
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #8409d159
 class Lambda(nn.Module):
@@ -306,3 +306,19 @@ def plot_near_zero(self: ActivationStats):
     for layer, share in enumerate(self.near_zero_share): ax.plot(share, label=f'layer {layer}')
     ax.set_ylim(0, 1); ax.set_ylabel(f'share with |a| < {self.near_zero}'); ax.set_xlabel('recorded batch'); ax.legend(fontsize=8)
     return fig
+
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #ckpt-stats
+@patch
+def state_dict(self: ActivationStats) -> dict:
+    "The rows recorded so far, for a checkpoint."
+    return {'stats': self.stats[:, :self.n_recorded].clone(), 'n_recorded': self.n_recorded}
+
+@patch
+def load_state_dict(self: ActivationStats, state: dict):
+    "Put back the rows recorded so far into the table that `before_fit` made."
+    rows, n = state['stats'], state['n_recorded']
+    if (rows.shape[0], rows.shape[2]) != (self.stats.shape[0], self.stats.shape[2]) or n > self.stats.shape[1]:
+        raise CheckpointError(f"ActivationStats: the checkpoint has {n} rows of {rows.shape[0]} layers × {rows.shape[2]} values; this one "
+                              f"records up to {self.stats.shape[1]} rows of {self.stats.shape[0]} layers × {self.stats.shape[2]} values")
+    self.stats[:, :n] = rows
+    self.n_recorded = n

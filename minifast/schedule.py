@@ -15,7 +15,7 @@ from functools import partial
 import torch
 import matplotlib.pyplot as plt
 from .foundations import listify
-from .learner import Callback
+from .learner import Callback, CheckpointError
 
 # %% ../nbs/04_schedule.ipynb #4917990c
 def annealer(f):
@@ -74,13 +74,13 @@ class ParamScheduler(Callback):
         funcs = self.sched_funcs if isinstance(self.sched_funcs, (list, tuple)) else [self.sched_funcs] * len(groups)
         if len(funcs) != len(groups):
             raise ValueError(f"ParamScheduler: {len(funcs)} schedules for {len(groups)} param groups")
-        self._pairs = list(zip(groups, funcs))
+        self._funcs = funcs
 
     def before_batch(self):
         learn = self.learn
         if not learn.in_train: return
         pos = learn.n_epochs_done / learn.n_epochs
-        for group, f in self._pairs: group[self.param_name] = f(pos)
+        for group, f in zip(learn.opt.param_groups, self._funcs): group[self.param_name] = f(pos)   # looked up: loading a checkpoint replaces them
 
 # %% ../nbs/04_schedule.ipynb #669b6efe
 class Recorder(Callback):
@@ -106,6 +106,17 @@ class Recorder(Callback):
     def losses(self) -> torch.Tensor:
         "The training losses, one per batch, as a CPU tensor."
         return torch.stack(self._losses).float().cpu() if self._losses else torch.empty(0)
+
+    def state_dict(self) -> dict:
+        "What was recorded, for a checkpoint: the values as lists, the losses as one tensor."
+        return {'params': {name: [list(v) for v in per_group] for name, per_group in self.params.items()},
+                'losses': torch.stack(self._losses) if self._losses else torch.empty(0)}
+
+    def load_state_dict(self, state: dict):
+        "Put back what `state_dict` returned."
+        if list(state['params']) != list(self.param_names):
+            raise CheckpointError(f"Recorder: the checkpoint recorded {list(state['params'])}, this one records {list(self.param_names)}")
+        self.params, self._losses = {name: [list(v) for v in per_group] for name, per_group in state['params'].items()}, list(state['losses'])
 
     def plot_lr(self, param_name='lr', group=-1):
         "Plot `param_name` of param group `group` against the batch index."

@@ -1,0 +1,167 @@
+"""The runs that tests/test_distributed.py checks: each under `torchrun` (two ranks) and, for the references, alone.
+
+`python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_cases.py CASES OUT_DIR` runs the
+comma-separated CASES on every rank, in one process group; each rank writes its results under OUT_DIR, then
+`rank<r>.done`. Alone (no torchrun), `run_case`
+gives the single-process reference from the same weights and the same global batches.
+"""
+import contextlib, io, itertools, os, sys, time, warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+import torch.distributed as dist
+
+from minifast.foundations import set_seed
+from minifast.data import DataLoader, DataLoaders
+from minifast.losses import accuracy, cross_entropy
+from minifast.learner import Callback, Learner, NonFiniteLossError
+from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, view_tfm
+from minifast.lr_finder import EarlyStoppingCallback, lr_find
+from minifast.norms import BatchNorm, RunningBatchNorm, get_norm_cnn
+from minifast.distributed import DistributedCallback, sync_norms
+
+IN_GROUP = 'WORLD_SIZE' in os.environ   # started by torchrun
+DEVICE = os.environ.get('DDP_CASES_DEVICE', 'cpu')   # tools/gpu_check.py runs these on 'cuda' (nccl)
+if DEVICE != 'cpu': torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+# name -> (norm layers, dtype, training items, global batch, validation items, validation batch)
+CASES = {
+    'plain32': (None, torch.float32, 640, 64, 100, 64),
+    'plain64': (None, torch.float64, 640, 64, 100, 64),
+    'norms': ('mixed', torch.float32, 640, 64, 100, 64),
+    'uneven': ('mixed', torch.float32, 9 * 63 + 21, 63, 101, 51),   # slices of 32/31, a last batch of 21 (11/10)
+}
+
+def make_data(n_train, n_valid, dtype, seed=1):
+    "Random 28×28 images whose class is a function of the pixels (so that there is something to learn)."
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_valid, 784, generator=g, dtype=dtype)
+    y = (x[:, :392].sum(1) > 0).long() + 2 * (x[:, 392:].sum(1) > 0).long()
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+def mixed_norm():
+    "A norm factory cycling through minifast's BatchNorm, nn.BatchNorm2d and RunningBatchNorm."
+    kinds = itertools.cycle([BatchNorm, nn.BatchNorm2d, RunningBatchNorm])
+    return lambda n_channels: next(kinds)(n_channels)
+
+def make_model(norm, dtype):
+    set_seed(0)
+    model = get_norm_cnn(mixed_norm() if norm == 'mixed' else None, nfs=(8, 16, 32, 32), n_classes=4)
+    return sync_norms(model).to(dtype)
+
+def state_vector(model):
+    "Parameters, buffers and RunningBatchNorm's counts, flattened, in float64."
+    parts = [p.detach().reshape(-1).double().cpu() for p in model.parameters()]
+    for m in model.modules():
+        # RunningBatchNorm's running sums run over thousands of items, so their rounding is absolute, not relative:
+        # compare what the layer uses, the running moments (sums / count), and the count itself
+        if isinstance(m, RunningBatchNorm): parts += [m.running.double().cpu().reshape(-1) / m.count, torch.tensor([m.count], dtype=torch.float64)]
+        else: parts += [b.detach().reshape(-1).double().cpu() for b in m.buffers(recurse=False)]
+    return torch.cat(parts)
+
+class StepRecorder(Callback):
+    "The model's state after every optimiser step."
+    def before_fit(self): self.states = []
+    def after_step(self):
+        model = self.learn.model
+        self.states.append(state_vector(model.module if hasattr(model, 'module') else model))
+
+def make_learner(case, cbs=(), nonfinite='raise', lr=0.1):
+    norm, dtype, n_train, bs, n_valid, valid_bs = CASES[case]
+    x_train, y_train, x_valid, y_valid = make_data(n_train, n_valid, dtype)
+    # alone: the order of epoch 0 is the distributed one (a generator seeded with seed + epoch, seed = 0)
+    train = DataLoader(x_train, y_train, bs, shuffle=True, generator=torch.Generator().manual_seed(0))
+    dls = DataLoaders(train, DataLoader(x_valid, y_valid, valid_bs))
+    extra = [DistributedCallback(seed=0, timeout=60)] if IN_GROUP else []
+    if DEVICE != 'cpu': extra.append(DeviceCallback(DEVICE))
+    return Learner(make_model(norm, dtype), dls, cross_entropy, lr=lr, metrics=accuracy, nonfinite=nonfinite,
+                   opt_func=partial(torch.optim.SGD, momentum=0.9),
+                   cbs=[BatchTransformXCallback(view_tfm(1, 28, 28))] + extra + list(cbs))
+
+def run_equivalence(case, out):
+    "10 steps (one epoch) and a validation pass; on `plain32` also a checkpoint and what each rank printed."
+    recorder, stats = StepRecorder(), ActivationStats(hist_sample=None)
+    learn = make_learner(case, cbs=[recorder, stats])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed): learn.fit(1)
+    result = dict(states=torch.stack(recorder.states), history=learn.metrics.history, printed=printed.getvalue(),
+                  act_sums=stats._recorded()[0], act_counts=stats._recorded()[2])   # on the CPU
+    if case == 'plain32' and IN_GROUP:
+        saves = []
+        real_save = torch.save
+        torch.save = lambda *a, **k: (saves.append(1), real_save(*a, **k))[1]
+        try: learn.save(out / 'model.pth')
+        finally: torch.save = real_save
+        plain = make_model(None, torch.float32)
+        plain.load_state_dict(torch.load(out / 'model.pth', weights_only=True)['model'])   # every rank, after the barrier
+        result.update(n_saves=len(saves), loaded_equal=bool(torch.equal(state_vector(plain), state_vector(learn.model))))
+    return result
+
+class NaNOnRank(Callback):
+    "Makes the inputs of training step `at_iter` NaN on rank `rank` only."
+    _order = 5
+    def __init__(self, rank, at_iter): self.rank, self.at_iter = rank, at_iter
+    def before_batch(self):
+        learn = self.learn
+        if learn.in_train and learn.n_iter == self.at_iter and dist.get_rank() == self.rank:
+            learn.xb = learn.xb * float('nan')
+
+def run_consensus(out):
+    "The LR finder, early stopping and a NaN on one rank: what every rank decided."
+    result = {}
+    learn = make_learner('plain32')
+    before = state_vector(learn.model)
+    found = lr_find(learn, min_lr=1e-3, max_lr=1e3, max_iter=30)
+    result.update(lrf_losses=found.losses, lrf_stopped=found.stopped_early,
+                  lrf_restored=bool(torch.equal(before, state_vector(learn.model))))
+    stopper = EarlyStoppingCallback(patience=1)
+    learn = make_learner('plain32', cbs=[stopper], lr=0.3)
+    with contextlib.redirect_stdout(io.StringIO()): learn.fit(8)
+    result.update(stopped_epoch=stopper.stopped_epoch, es_history=learn.metrics.history)
+    learn = make_learner('plain32', cbs=[NaNOnRank(1, 3)], nonfinite='skip')
+    with contextlib.redirect_stdout(io.StringIO()): learn.fit(1)
+    result.update(skipped=learn.n_skipped_batches, skip_state=state_vector(learn.model))
+    learn = make_learner('plain32', cbs=[NaNOnRank(1, 3)], nonfinite='raise')   # last: an error ends the group
+    try:
+        with contextlib.redirect_stdout(io.StringIO()): learn.fit(1)
+        result['raised'] = None
+    except NonFiniteLossError as e: result['raised'] = f'{type(e).__name__} at iter {learn.n_iter}'
+    return result
+
+class RaiseOnRank(Callback):
+    "Rank 1 raises at step 3, after writing down when."
+    def __init__(self, out): self.out = out
+    def before_batch(self):
+        if self.learn.n_iter == 3 and dist.get_rank() == 1:
+            (self.out / 'raised_at').write_text(repr(time.time()))
+            raise RuntimeError('rank 1 fails on purpose')
+
+def run_raise(out):
+    learn = make_learner('plain32', cbs=[RaiseOnRank(out)])
+    learn.fit(50)
+    return {}
+
+def run_unsynced(out):
+    "A model with unsynced BatchNorm layers: the warnings the fit gave."
+    learn = make_learner('plain32')
+    set_seed(0)
+    learn.model = get_norm_cnn(nn.BatchNorm2d, nfs=(8, 16, 32, 32), n_classes=4)
+    learn.opt = torch.optim.SGD(learn.model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter('always')
+        learn.fit(1)
+    return dict(warnings=[str(w.message) for w in caught if 'DistributedCallback' in str(w.message)])
+
+def run_case(name, out):
+    out = Path(out)
+    if name in CASES: return run_equivalence(name, out)
+    return {'consensus': run_consensus, 'raise': run_raise, 'unsynced': run_unsynced}[name](out)
+
+if __name__ == '__main__':   # CASE may be several, comma-separated: one start-up for all of them
+    torch.set_num_threads(1)
+    names, out = sys.argv[1].split(','), Path(sys.argv[2])
+    rank = int(os.environ.get('RANK', 0))
+    for name in names: torch.save(run_case(name, out), out / f'{name}_rank{rank}.pt')
+    (out / f'rank{rank}.done').write_text('ok')
