@@ -12,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.minifast-installed
 
-.PHONY: setup data course docs dist test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check
+.PHONY: setup data course docs dist test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check tensorboard
 
 # --- set-up -----------------------------------------------------------------
 $(STAMP): pyproject.toml requirements/dev.txt
@@ -65,6 +65,11 @@ ddp: data
 # The checks that need a GPU (notebooks' CUDA paths, a fit with no host sync, DDP on nccl); says so and passes without one.
 gpu-check: data
 	$(BIN)/python tools/gpu_check.py
+
+# TensorBoard on the runs the notebooks write under runs/ (08_gradients writes runs/08_gradients/); open http://localhost:6006
+tensorboard: setup
+	mkdir -p runs
+	$(BIN)/tensorboard --logdir runs --port 6006
 
 # --- the tests ----------------------------------------------------------------
 check-clean: setup
