@@ -1,7 +1,8 @@
 # minifast: one entry point for set-up, the course, the docs site and the tests.
 #   make course   run every notebook at full size and save its outputs
 #   make docs     make course, then build the static site into _docs/
-#   make test     clean/export checks, every notebook at quick size, pytest
+#   make test     clean/export checks, every notebook at quick size, pytest (the site, the package...)
+#   make dist     the sdist and the wheel into dist/ (what .github/workflows/release.yml publishes)
 #   make ddp      train the lesson's CNN data-parallel, two processes (examples/train_ddp.py)
 #   make gpu-check  the checks that need a GPU, with a report (exits 0 where there is none)
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.minifast-installed
 
-.PHONY: setup data course docs test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check
+.PHONY: setup data course docs dist test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check tensorboard
 
 # --- set-up -----------------------------------------------------------------
 $(STAMP): pyproject.toml requirements/dev.txt
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml requirements/dev.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements/dev.txt
 	$(BIN)/pip install -q --no-deps -e .
+	# what a fresh install of the wheel needs (torch, minifast's dependencies and theirs), kept on disk so that
+	# tests/test_package.py installs the built wheel into a new venv without the network
+	$(BIN)/pip download -q -d $(VENV)/wheelhouse torch==2.13.0 .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -41,8 +45,12 @@ course: data
 	MINIFAST_SIZE=full $(BIN)/nbdev-test --n-workers 1 --timing --save --cell-timeout 0
 	$(BIN)/nbdev-clean
 
+# nbdev processes the executed notebooks, Sphinx (myst-nb, sphinx-book-theme) renders them.
 docs: course
 	$(BIN)/python tools/build_docs.py
+
+dist: setup
+	rm -rf dist && $(BIN)/python -m build --outdir dist .
 
 lab: setup
 	$(BIN)/jupyter lab nbs/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
@@ -57,6 +65,11 @@ ddp: data
 # The checks that need a GPU (notebooks' CUDA paths, a fit with no host sync, DDP on nccl); says so and passes without one.
 gpu-check: data
 	$(BIN)/python tools/gpu_check.py
+
+# TensorBoard on the runs the notebooks write under runs/ (08_gradients writes runs/08_gradients/); open http://localhost:6006
+tensorboard: setup
+	mkdir -p runs
+	$(BIN)/tensorboard --logdir runs --port 6006
 
 # --- the tests ----------------------------------------------------------------
 check-clean: setup
@@ -90,4 +103,4 @@ test: check-clean check-export nbtest pytest
 	@echo "make test: all checks passed"
 
 clean:
-	rm -rf _docs _proc _quick site .pytest_cache test-artifacts
+	rm -rf _docs _proc _quick site dist build .pytest_cache test-artifacts

@@ -33,10 +33,17 @@ WHY_MISSED = {
         '`compiled=True` is for large batches, and the default is faster here.',
 }
 PEER_NAMES = ('course-v3 (2019)', 'miniai (2022)')
+# The peers record no gradient statistics on every batch, so the grads rows have no peer figures; this says what they do.
+GRADS_CONTEXT = ('**The cost of looking inside the backward pass, in context.** These rows have no peer figures. As issue 13 '
+                 'notes, the course-v3 (2019) and miniai (2022) code record no gradient statistics, fastai v2 has none either (its '
+                 '`ActivationStats` reads three numbers to the host per layer per batch), fastai v1 copied gradient norms to the CPU, '
+                 'and `wandb.watch` syncs several times per tensor per logged step. The peers\' cost of looking inside the forward '
+                 'pass alone is in the ActivationStats rows above.')
 TITLES = {'loop': 'Learner.fit vs a hand-written loop', 'stats': 'ActivationStats on every GeneralRelu, every batch',
+          'grads': 'GradientStats on every GeneralRelu, UpdateStats on every parameter, every batch',
           'norms': 'Norm layers vs nn.BatchNorm2d', 'rbn': 'RunningBatchNorm vs nn.BatchNorm2d',
           'ddp': 'Data parallel: 2 processes vs 1'}
-ORDER = ('loop', 'stats', 'norms', 'rbn', 'ddp')
+ORDER = ('loop', 'stats', 'grads', 'norms', 'rbn', 'ddp')
 
 
 def _peer(c, name):
@@ -121,7 +128,8 @@ def memory_section(memory):
              f"{memory['n_fits']} fits of one epoch at batch size {memory['batch_size']} ({memory['batches']}), "
              'each recording every GeneralRelu on every training batch, done two ways: (a) the same callback attached '
              'to the Learner and fitted again, (b) a new callback passed to `fit(cbs=...)` each time and dropped. '
-             'RSS is read from /proc/self/statm after `gc.collect()`; the bound is layers × recorded batches × (bins + 3).', '',
+             'RSS is read from /proc/self/statm after `gc.collect()`; the bound is layers × recorded batches × (bins + 5): '
+             'the sum, the sum of squares, the count, the bins and the counts below and above the range.', '',
              '| way | fit | RSS (MiB) | stats numel | bound | recorded batches | previous stats freed | forward hooks left |',
              '|---|---:|---:|---:|---:|---:|---|---:|']
     for key, label in (('same_callback', '(a) same callback'), ('new_callback', '(b) new callback')):
@@ -233,7 +241,10 @@ def write_markdown(results, path):
              '## Results', '']
     lines += summary_table(comparisons)
     lines += ['', 'The peers\' figures (course-v3 2019 code, miniai 2022) were measured on this machine on 2026-11-24 by the same method; '
-              'blank where the issue gives none. ![ratios](results.png)', '', '### Raw seconds']
+              'blank where the issue gives none. ![ratios](results.png)']
+    if any(c['measure'] == 'grads' for c in comparisons):
+        lines += ['', GRADS_CONTEXT]
+    lines += ['', '### Raw seconds']
     lines += raw_tables(comparisons) + ['']
     lines += ddp_section(comparisons)
     lines += memory_section(results['memory'])

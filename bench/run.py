@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from minifast.data import DataLoader, load_fashion_mnist, normalize_to_train
 from minifast.foundations import set_seed
 from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, default_device, view_tfm
+from minifast.gradients import GradientStats, UpdateStats
 from minifast.learner import Learner
 from minifast.losses import accuracy
 from minifast.norms import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RunningBatchNorm, get_norm_cnn
@@ -59,7 +60,9 @@ RBN_COMPILED = 'RunningBatchNorm(compiled=True)'
 TARGETS = {('loop', 'Learner.fit', 512): 1.03, ('loop', 'Learner.fit', 32): 1.05,
            ('stats', 'with ActivationStats', 512): 1.10, ('stats', 'with ActivationStats', 32): 1.10,
            ('rbn', 'RunningBatchNorm', 512): 1.05, ('rbn', 'RunningBatchNorm', 2): 1.15,
-           ('rbn', RBN_COMPILED, 512): 1.05, ('rbn', RBN_COMPILED, 2): 1.15}
+           ('rbn', RBN_COMPILED, 512): 1.05, ('rbn', RBN_COMPILED, 2): 1.15,
+           ('grads', 'with GradientStats', 512): 1.10, ('grads', 'with GradientStats', 32): 1.15,
+           ('grads', 'with UpdateStats', 512): 1.05, ('grads', 'with UpdateStats', 32): 1.10}
 DDP_ARM, DDP_REFERENCE = '2 processes × 1 thread', '1 process × 2 threads'
 TARGETS[('ddp', DDP_ARM, 512)] = 1.25   # at least 0.8 of the single process's samples per second
 DDP_BATCHES = {'full': 96, 'quick': 4}   # training batches of 512 per epoch in the ddp measure
@@ -207,6 +210,15 @@ def measure_stats(data, sizes, rounds, log):
     return compare_at('stats', 'without', arms, data, sizes, rounds, log)
 
 
+def measure_grads(data, sizes, rounds, log):
+    """7. The same `Learner.fit` with and without `GradientStats` (every GeneralRelu) and `UpdateStats` (every
+    parameter tensor), each recording every training batch."""
+    arms = lambda bs: {'without': learner_arm(bs),
+                       'with GradientStats': learner_arm(bs, extra_cbs=lambda: [GradientStats()]),
+                       'with UpdateStats': learner_arm(bs, extra_cbs=lambda: [UpdateStats()])}
+    return compare_at('grads', 'without', arms, data, sizes, rounds, log)
+
+
 def measure_norms(data, sizes, rounds, log):
     "3 and 4. Each norm layer, and RunningBatchNorm (as it is and compiled), against nn.BatchNorm2d in the same CNN."
     norms = {**NORMS, RBN_COMPILED: partial(RunningBatchNorm, compiled=True)}
@@ -232,7 +244,7 @@ def forward_hooks(model): return sum(len(m._forward_hooks) for m in model.module
 def memory_row(fit, stats, model, previous_freed):
     n_layers, bins = stats.stats.shape[0], stats.bins
     return dict(fit=fit, rss_mib=rss_mib(), numel=stats.stats.numel(), recorded=stats.n_recorded,
-                bound=n_layers * stats.n_recorded * (bins + 3), previous_freed=previous_freed,
+                bound=n_layers * stats.n_recorded * (bins + 5), previous_freed=previous_freed,
                 hooks_left=forward_hooks(model))
 
 
@@ -390,7 +402,7 @@ def load_average():
 
 
 # --- main -----------------------------------------------------------------------------------------
-MEASURES = ('loop', 'stats', 'norms', 'memory', 'profile', 'ddp')
+MEASURES = ('loop', 'stats', 'grads', 'norms', 'memory', 'profile', 'ddp')
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -432,6 +444,7 @@ def main(argv=None):
     comparisons, memory, profiles = [], None, []
     if 'loop' in only: comparisons += measure_loop(data, sizes, rounds, log)
     if 'stats' in only: comparisons += measure_stats(data, sizes, rounds, log)
+    if 'grads' in only: comparisons += measure_grads(data, sizes, rounds, log)
     if 'norms' in only: comparisons += measure_norms(data, sizes, rounds, log)
     if 'memory' in only: memory = measure_memory(data, sizes, MEMORY_FITS[mode], log)
     if 'profile' in only: profiles = measure_profiles(data, sizes, log, BENCH / 'out' / 'traces' if args.traces else None)

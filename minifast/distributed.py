@@ -198,21 +198,21 @@ def after_fit(self: DistributedCallback):
 _plain_save, _plain_load = getattr(Learner.save, 'plain', Learner.save), getattr(Learner.load, 'plain', Learner.load)
 
 @patch
-def save(self: Learner, path):
+def save(self: Learner, path, **kwargs): # `fit=` and the rest, as the plain `save` takes them
     "Save the model (unwrapped from DDP) and optimiser atomically; in a process group only rank 0 writes, then all wait."
-    if not (dist.is_available() and dist.is_initialized()): return _plain_save(self, path)
+    if not (dist.is_available() and dist.is_initialized()): return _plain_save(self, path, **kwargs)
     model, self.model = self.model, unwrap(self.model)
     try:
-        if dist.get_rank() == 0: _plain_save(self, path)
+        if dist.get_rank() == 0: _plain_save(self, path, **kwargs)
     finally: self.model = model
     dist.barrier()   # nobody reads it before it is there
     return Path(path)
 
 @patch
-def load(self: Learner, path):
+def load(self: Learner, path, **kwargs): # `strict=`, as the plain `load` takes it
     "Load a checkpoint written by `save` into the model (unwrapped from DDP) and the optimiser."
     model, self.model = self.model, unwrap(self.model)
-    try: _plain_load(self, path)
+    try: _plain_load(self, path, **kwargs)
     finally: self.model = model
     return self
 

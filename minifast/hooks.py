@@ -151,7 +151,7 @@ def sample_step(n: int, max_samples: int) -> int:
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #3a5fcd48
 class ActivationStats(Callback):
-    "Records each hooked layer's mean, std, `bins`-bin histogram and near-zero share per training batch, on device."
+    "Records each hooked layer's mean, std, `bins`-bin histogram, near-zero share and out-of-range shares per training batch, on device."
     _order = 15
     def __init__(self, modules=None, # layers to watch; default: every `GeneralRelu` of the model
                  bins: int = 40, hist_range=(-1., 9.), near_zero: float = 0.25,
@@ -166,6 +166,9 @@ class ActivationStats(Callback):
         self.modules, self.bins, self.hist_range, self.near_zero, self.every = modules, bins, (low, high), near_zero, every
         self.hist_sample = hist_sample
         self._zero_bins = slice(round(lo_edge), round(hi_edge))
+        # `histc` drops values outside its range: clamped, they land in one extra bin at each end instead
+        self._n_counts = bins + 2  # below the range, the `bins` bins, above it
+        self._count_range, self._clamp = (low - width, high + width), (low - width / 2, high + width / 2)
         self.stats = None
 
     def before_fit(self):
@@ -174,11 +177,12 @@ class ActivationStats(Callback):
         if not modules: raise ValueError("ActivationStats: no layers to watch (the model has no GeneralRelu; pass modules=)")
         capacity = -(-learn.n_epochs * len(learn.dls.train) // self.every)
         device = next(learn.model.parameters()).device
-        # one row per layer and recorded batch: sum, sum of squares, number of activations, histogram counts
-        self.stats = torch.zeros(len(modules), capacity, 3 + self.bins, device=device)
+        # one row per layer and recorded batch: sum, sum of squares, number of activations, then the counts
+        # below the range, in each bin and above the range
+        self.stats = torch.zeros(len(modules), capacity, 3 + self._n_counts, device=device)
         # the hooks write into `_batch`, through views made once; `after_batch` copies it into `stats`,
         # times `_scales`: 1 for the sums, and for the counts the sample's scale-up to the whole batch
-        self._batch = torch.zeros(len(modules), 3 + self.bins, device=device)
+        self._batch = torch.zeros(len(modules), 3 + self._n_counts, device=device)
         self._scales = torch.ones_like(self._batch)
         self._views = [(row[0], row[1], row[2], row[3:]) for row in self._batch]
         self._sizes, self._steps = [None] * len(modules), [1] * len(modules)
@@ -208,7 +212,7 @@ class ActivationStats(Callback):
         if acts.numel() != self._sizes[layer]: self._new_size(layer, acts.numel())
         torch.sum(acts, 0, out=total)
         torch.dot(acts, acts, out=squares)
-        torch.histc(acts[::self._steps[layer]], self.bins, *self.hist_range, out=counts)
+        torch.histc(acts[::self._steps[layer]].clamp(*self._clamp), self._n_counts, *self._count_range, out=counts)
         self._seen[layer] = True
 
     def after_batch(self):
@@ -224,7 +228,7 @@ class ActivationStats(Callback):
         if getattr(self, 'hooks', None) is not None: self.hooks.remove()
 
     def _recorded(self):
-        "Sums, sums of squares, counts (float64) and histograms of the recorded batches, on the CPU."
+        "Sums, sums of squares, numbers of values (float64) and counts (below, the bins, above) of the recorded batches, on the CPU."
         rec = self.stats[:, :self.n_recorded].cpu()
         return rec[..., 0].double(), rec[..., 1].double(), rec[..., 2].double(), rec[..., 3:]
 
@@ -242,12 +246,22 @@ class ActivationStats(Callback):
     @property
     def near_zero_share(self) -> torch.Tensor:
         "Share of `-near_zero` ≤ activation < `near_zero`, layers × recorded batches."
-        _, _, n, hists = self._recorded()
-        return (hists[..., self._zero_bins].sum(-1) / n).float()
+        _, _, n, counts = self._recorded()
+        return (counts[..., 1:-1][..., self._zero_bins].sum(-1) / n).float()
     @property
     def hists(self) -> torch.Tensor:
         "Histogram counts (scaled up from the sample when `hist_sample` is set), layers × recorded batches × bins, on the CPU."
-        return self._recorded()[3]
+        return self._recorded()[3][..., 1:-1]
+    @property
+    def below_range(self) -> torch.Tensor:
+        "Share of values below `hist_range`, layers × recorded batches, on the CPU."
+        _, _, n, counts = self._recorded()
+        return (counts[..., 0] / n).float()
+    @property
+    def above_range(self) -> torch.Tensor:
+        "Share of values above `hist_range` (or equal to its top), layers × recorded batches, on the CPU."
+        _, _, n, counts = self._recorded()
+        return (counts[..., -1] / n).float()
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #10b6bbbb
 def _layer_axes(n_layers, size=(3., 2.5)):
@@ -269,13 +283,17 @@ def plot_stats(self: ActivationStats, max_batches: int = None):
 @patch
 @torch.no_grad()
 def plot_hists(self: ActivationStats):
-    "Each layer's histogram over time as an image (log counts): the lesson's \"colorful dimension\"."
-    hists = self.hists
-    fig, axes = _layer_axes(len(hists))
+    "Each layer's histogram over time as an image (log counts), the lesson's \"colorful dimension\"; a row at each end, outside the white lines, counts the values below and above the range."
+    counts = self._recorded()[3]
+    below, above = self.below_range.mean(1), self.above_range.mean(1)
+    fig, axes = _layer_axes(len(counts))
     low, high = self.hist_range
-    for layer, (ax, h) in enumerate(zip(axes, hists)):
-        ax.imshow(h.t().log1p(), origin='lower', aspect='auto', extent=(0, h.shape[0], low, high))
-        ax.set_title(f'layer {layer}'); ax.set_xlabel('recorded batch')
+    width = (high - low) / self.bins
+    for layer, (ax, c) in enumerate(zip(axes, counts)):
+        ax.imshow(c.t().log1p(), origin='lower', aspect='auto', extent=(0, c.shape[0], low - width, high + width))
+        for edge in (low, high): ax.axhline(edge, color='white', lw=0.8)
+        ax.set_title(f'layer {layer}\n{below[layer]:.1%} below, {above[layer]:.1%} above', fontsize=9)
+        ax.set_xlabel('recorded batch')
     axes[0].set_ylabel('activation')
     fig.tight_layout()
     return fig

@@ -7,9 +7,9 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 # %% auto #0
 __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException',
            'NonFiniteLossError', 'Callback', 'Learner', 'snapshot_state', 'restore_state', 'TrainEvalCallback',
-           'MetricsCallback', 'progress_wanted', 'ProgressCallback', 'CheckpointError', 'read_checkpoint',
-           'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states', 'set_rng_states', 'has_state',
-           'SaveCheckpoint']
+           'MetricsCallback', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback', 'CheckpointError',
+           'read_checkpoint', 'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states', 'set_rng_states',
+           'has_state', 'SaveCheckpoint']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
 import copy, math, os, pickle, random, re, sys, tempfile, warnings
@@ -138,89 +138,94 @@ def restore_state(snapshot: tuple): # what `snapshot_state` returned
             else: setattr(m, name, saved)                 # replaced by the forward pass
     for m, state in extra: m.set_extra_state(state)
 
-# %% ../nbs/03_learner.ipynb #30323901
-class Learner(Learner):
-    _resume_mid_epoch = None   # a checkpoint taken mid-epoch, until its epoch starts (see "Resuming a fit")
+# %% ../nbs/03_learner.ipynb #a89b6c2d
+Learner._resume_mid_epoch = None   # a checkpoint taken mid-epoch, until its epoch starts (see "Resuming a fit")
 
-    def _one_batch(self, xb, yb):
-        self.xb, self.yb = xb, yb
-        try:
-            self('before_batch')
-            if self.in_train and self.nonfinite == 'skip': self._before_forward = snapshot_state(self.model)
-            self.pred = self.model(self.xb)
-            self('after_pred')
-            try: self.loss = self.loss_func(self.pred, self.yb)
-            except Exception as e:
-                e.add_note(f"minifast: loss_func got predictions of shape {tuple(self.pred.shape)} "
-                           f"and targets of shape {tuple(self.yb.shape)}")
-                raise
-            self('after_loss')
-            if self.in_train:
-                if self.nonfinite != 'ignore': self._check_finite()
-                self.loss.backward()
-                self('after_backward')
-                self.opt.step()
-                self('after_step')
-                self.opt.zero_grad()
-        except CancelBatchException: self('after_cancel_batch')
-        self('after_batch')
-
-    def _check_finite(self):
-        before, self._before_forward = self._before_forward, None
-        if math.isfinite(self.loss.item()): return   # one host read; free on the CPU
-        if self.nonfinite == 'skip':
-            restore_state(before)   # undo what the forward pass did to BatchNorm's running statistics
-            self.n_skipped_batches += 1
-            raise CancelBatchException()
-        raise NonFiniteLossError(f"the training loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}; "
-                                 "the step was not taken. Lower the learning rate, or pass nonfinite='skip'.")
-
-    def _all_batches(self, dl):
-        self.dl, self.iters = dl, len(dl)
-        try:
-            resuming = self._resume_mid_epoch is not None and self.in_train
-            for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
-        except CancelEpochException: self('after_cancel_epoch')
-
-    def _after_fit(self, error):
-        "Run every callback's `after_fit`, even if some fail; never hide `error`, the fit's own exception."
-        failures = []
-        for cb, method in self._dispatch['after_fit']:
-            try: method()
-            except Exception as e:
-                e.add_note(f"minifast: raised in {type(cb).__name__}.after_fit")
-                failures.append(e)
-        first = error if error is not None else (failures[0] if failures else None)
-        for e in failures:
-            if e is not first: first.add_note(f"minifast: also, {e!r} was raised in after_fit")
-        if error is None and first is not None: raise first
-
-    def fit(self, n_epochs: int, cbs=None,
-            resume_from=None): # a checkpoint written by `SaveCheckpoint`: go on from where that fit was
-        "Train for `n_epochs`, with extra callbacks `cbs` attached for this fit only."
-        if len(self.dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
-        cbs = listify(cbs)
-        checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, cbs)
-        self.add_cbs(cbs)
-        self.n_epochs, self.loss = n_epochs, torch.tensor(0.)
-        try:
-            try:
-                self('before_fit')
-                first_epoch = 0 if checkpoint is None else self._resume_fit(checkpoint)
-                for self.epoch in range(first_epoch, n_epochs):
-                    if not self('before_epoch'): self._all_batches(self.dls.train)
-                    with torch.no_grad():
-                        if not self('before_validate'): self._all_batches(self.dls.valid)
-                    self('after_epoch')
-            except CancelTrainException: self('after_cancel_train')
-        except BaseException as e:
-            self._after_fit(e)
+@patch
+def _one_batch(self: Learner, xb, yb):
+    self.xb, self.yb = xb, yb
+    try:
+        self('before_batch')
+        if self.in_train and self.nonfinite == 'skip': self._before_forward = snapshot_state(self.model)
+        self.pred = self.model(self.xb)
+        self('after_pred')
+        try: self.loss = self.loss_func(self.pred, self.yb)
+        except Exception as e:
+            e.add_note(f"minifast: loss_func got predictions of shape {tuple(self.pred.shape)} "
+                       f"and targets of shape {tuple(self.yb.shape)}")
             raise
-        else: self._after_fit(None)
-        finally:
-            self.remove_cbs(cbs)
-            self._resume_mid_epoch = None
-        return self
+        self('after_loss')
+        if self.in_train:
+            if self.nonfinite != 'ignore': self._check_finite()
+            self.loss.backward()
+            self('after_backward')
+            self.opt.step()
+            self('after_step')
+            self.opt.zero_grad()
+    except CancelBatchException: self('after_cancel_batch')
+    self('after_batch')
+
+# %% ../nbs/03_learner.ipynb #67b55821
+@patch
+def _check_finite(self: Learner):
+    before, self._before_forward = self._before_forward, None
+    if math.isfinite(self.loss.item()): return   # one host read; free on the CPU
+    if self.nonfinite == 'skip':
+        restore_state(before)   # undo what the forward pass did to BatchNorm's running statistics
+        self.n_skipped_batches += 1
+        raise CancelBatchException()
+    raise NonFiniteLossError(f"the training loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}; "
+                             "the step was not taken. Lower the learning rate, or pass nonfinite='skip'.")
+
+@patch
+def _all_batches(self: Learner, dl):
+    self.dl, self.iters = dl, len(dl)
+    try:
+        resuming = self._resume_mid_epoch is not None and self.in_train
+        for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
+    except CancelEpochException: self('after_cancel_epoch')
+
+# %% ../nbs/03_learner.ipynb #47d791a0
+@patch
+def _after_fit(self: Learner, error):
+    "Run every callback's `after_fit`, even if some fail; never hide `error`, the fit's own exception."
+    failures = []
+    for cb, method in self._dispatch['after_fit']:
+        try: method()
+        except Exception as e:
+            e.add_note(f"minifast: raised in {type(cb).__name__}.after_fit")
+            failures.append(e)
+    first = error if error is not None else (failures[0] if failures else None)
+    for e in failures:
+        if e is not first: first.add_note(f"minifast: also, {e!r} was raised in after_fit")
+    if error is None and first is not None: raise first
+
+# %% ../nbs/03_learner.ipynb #77f1d8d0
+@patch
+def fit(self: Learner, n_epochs: int, cbs=None,
+        resume_from=None): # a checkpoint written by `SaveCheckpoint`: go on from where that fit was
+    "Train for `n_epochs`, with extra callbacks `cbs` attached for this fit only."
+    if len(self.dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
+    cbs = listify(cbs)
+    checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, cbs)
+    self.add_cbs(cbs)
+    self.n_epochs, self.loss = n_epochs, torch.tensor(0.)
+    try:
+        try:
+            self('before_fit')
+            first_epoch = 0 if checkpoint is None else self._resume_fit(checkpoint)
+            for self.epoch in range(first_epoch, n_epochs):
+                if not self('before_epoch'): self._all_batches(self.dls.train)
+                with torch.no_grad():
+                    if not self('before_validate'): self._all_batches(self.dls.valid)
+                self('after_epoch')
+        except CancelTrainException: self('after_cancel_train')
+    except BaseException as e:
+        self._after_fit(e)
+        raise
+    else: self._after_fit(None)
+    finally: self.remove_cbs(cbs); self._resume_mid_epoch = None
+    return self
 
 # %% ../nbs/03_learner.ipynb #9db1da6e
 class TrainEvalCallback(Callback):
@@ -295,7 +300,7 @@ class MetricsCallback(MetricsCallback):
 
 # %% ../nbs/03_learner.ipynb #6c956536
 def progress_wanted() -> bool:
-    "Whether `Learner` adds a `ProgressCallback`: in notebooks and terminals, not under tests, in pipes or on torchrun's ranks but 0."
+    "Whether `Learner` adds a `ProgressCallback`, and whether it shows bars: in notebooks and terminals, not under tests, in pipes or on torchrun's ranks but 0."
     forced = os.environ.get('MINIFAST_PROGRESS')
     if forced is not None: return forced.strip() not in ('0', '', 'false', 'no')
     if os.environ.get('IN_TEST'): return False
@@ -306,28 +311,61 @@ def progress_wanted() -> bool:
     except ImportError: pass
     return sys.stdout is not None and sys.stdout.isatty()
 
+# %% ../nbs/03_learner.ipynb #9f3c2a73
+def plot_losses(history: list, # `MetricsCallback.history`: one dict per epoch
+                ax=None):      # axes to draw into (cleared first); a new figure when None
+    "Plot train and valid loss per epoch from `history`; returns the figure."
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(5, 3))
+    ax.clear()
+    epochs = [row['epoch'] + 1 for row in history]
+    for split in ('train', 'valid'):
+        ax.plot(epochs, [row[f'{split}_loss'] for row in history], 'o-', label=split)
+    ax.set(xlabel='epoch', ylabel='loss', xticks=epochs)
+    ax.legend()
+    return ax.figure
+
+# %% ../nbs/03_learner.ipynb #9f3c2a76
+def show_live(fig, handle=None): # the display handle `show_live` returned for `fig` before, if any
+    "Show `fig` in IPython and return its display handle; given `handle`, update that display in place."
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+        import matplotlib.pyplot as plt
+    except ImportError: return None   # a plain script: the caller keeps the figure
+    if get_ipython() is None: return None
+    plt.close(fig)                    # shown through the handle, not again when the cell ends
+    if handle is None: return display(fig, display_id=True)
+    handle.update(fig)
+    return handle
+
+# %% ../nbs/03_learner.ipynb #9f3c2a77
 class ProgressCallback(Callback):
-    "A fastprogress bar over epochs and, inside it, one over the batches of each pass; `plot=True` adds a live loss plot."
+    "fastprogress bars over epochs and batches where they can be seen; `plot=True` adds a live plot of the losses."
     _order = 20
-    mbar = pbar = None
-    def __init__(self, plot: bool = False): self.plot = plot
+    mbar = pbar = fig = None
+    def __init__(self, plot: bool = False): # redraw the train and valid loss after each epoch
+        self.plot = plot
     def before_fit(self):
-        self.mbar = master_bar(range(self.learn.n_epochs))
-        self.mbar.on_iter_begin()
-        self.mbar.update(0)
-        self.pbar = None
+        self.mbar = self.pbar = self.fig = self._shown = None
+        if progress_wanted():
+            self.mbar = master_bar(range(self.learn.n_epochs))
+            self.mbar.on_iter_begin()
+            self.mbar.update(0)
     def before_epoch(self): self._bar(self.learn.dls.train)
     def before_validate(self): self._bar(self.learn.dls.valid)
     def _bar(self, dl):
+        if self.mbar is None: return
         self.pbar = progress_bar(range(len(dl)), parent=self.mbar, leave=False)
         self.pbar.update(0)
-    def after_batch(self): self.pbar.update(self.learn.iter + 1)
+    def after_batch(self):
+        if self.pbar is not None: self.pbar.update(self.learn.iter + 1)
     def after_epoch(self):
-        self.mbar.update(self.learn.epoch + 1)
+        if self.mbar is not None: self.mbar.update(self.learn.epoch + 1)
         history = getattr(getattr(self.learn, 'metrics', None), 'history', None)
-        if self.plot and history:
-            epochs = list(range(1, len(history) + 1))
-            self.mbar.update_graph([[epochs, [h['train_loss'] for h in history]], [epochs, [h['valid_loss'] for h in history]]])
+        if self.plot and history:   # the plot needs a MetricsCallback
+            self.fig = plot_losses(history, None if self.fig is None else self.fig.axes[0])
+            self._shown = show_live(self.fig, self._shown)
     def after_fit(self):
         if self.pbar is not None: self.pbar.on_iter_end()
         if self.mbar is not None: self.mbar.on_iter_end()
@@ -402,29 +440,29 @@ def opt_mismatches(opt, names: list, # `param_names` of `opt` here
     return problems
 
 # %% ../nbs/03_learner.ipynb #97f8f6c1
-class Learner(Learner):
-    def save(self, path,
-             fit: dict = None): # the state of a fit in progress, as `SaveCheckpoint` collects it, to resume from
-        "Save the model (parameters and buffers) and the optimiser state to `path`, atomically, with the format and versions."
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = {'format': 'minifast checkpoint', 'version': CHECKPOINT_VERSION, 'minifast': __version__, 'torch': str(torch.__version__),
-                'model': self.model.state_dict(), 'opt': self.opt.state_dict(), 'opt_params': param_names(self.model, self.opt)}
-        if fit is not None: ckpt['fit'] = fit
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                torch.save(ckpt, f)
-                f.flush(); os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)   # mkstemp makes it private; a checkpoint is an ordinary file
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp): os.remove(tmp)
-        if os.name == 'posix':     # make the rename itself durable, should the power fail next
-            folder = os.open(path.parent, os.O_RDONLY)
-            try: os.fsync(folder)
-            finally: os.close(folder)
-        return path
+@patch
+def save(self: Learner, path,
+         fit: dict = None): # the state of a fit in progress, as `SaveCheckpoint` collects it, to resume from
+    "Save the model (parameters and buffers) and the optimiser state to `path`, atomically, with the format and versions."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {'format': 'minifast checkpoint', 'version': CHECKPOINT_VERSION, 'minifast': __version__, 'torch': str(torch.__version__),
+            'model': self.model.state_dict(), 'opt': self.opt.state_dict(), 'opt_params': param_names(self.model, self.opt)}
+    if fit is not None: ckpt['fit'] = fit
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes it private; a checkpoint is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    if os.name == 'posix':     # make the rename itself durable, should the power fail next
+        folder = os.open(path.parent, os.O_RDONLY)
+        try: os.fsync(folder)
+        finally: os.close(folder)
+    return path
 
 # %% ../nbs/03_learner.ipynb #ckpt-load
 def _mismatch_error(path, problems: list, what: str = 'does not fit this learner') -> CheckpointError:
@@ -432,25 +470,26 @@ def _mismatch_error(path, problems: list, what: str = 'does not fit this learner
     return CheckpointError(f"{path} {what} ({len(problems)} mismatch{'es' if len(problems) > 1 else ''}); nothing was changed:\n  "
                            + '\n  '.join(shown))
 
-class Learner(Learner):
-    def _mismatches(self, ckpt) -> tuple:
-        "The model's and the optimiser's mismatches with `ckpt`."
-        return (model_mismatches(self.model, ckpt['model']),
-                opt_mismatches(self.opt, param_names(self.model, self.opt), ckpt['opt'], ckpt.get('opt_params')))
+@patch
+def _mismatches(self: Learner, ckpt) -> tuple:
+    "The model's and the optimiser's mismatches with `ckpt`."
+    return (model_mismatches(self.model, ckpt['model']),
+            opt_mismatches(self.opt, param_names(self.model, self.opt), ckpt['opt'], ckpt.get('opt_params')))
 
-    def load(self, path,
-             strict: bool = True): # False: load the model's entries that fit, warn about the rest
-        "Load a checkpoint into the model and the optimiser: all of it, or, if any part does not fit, nothing."
-        ckpt = read_checkpoint(path)
-        model_problems, opt_problems = self._mismatches(ckpt)
-        problems = [f"{k}: {why}" for k, why in model_problems.items()] + opt_problems
-        if strict and problems: raise _mismatch_error(path, problems)
-        self.model.load_state_dict({k: v for k, v in ckpt['model'].items() if k not in model_problems}, strict=not problems)
-        if not problems: self.opt.load_state_dict(ckpt['opt'])
-        else: warnings.warn(f"{path}: loaded {len(ckpt['model'].keys() - model_problems.keys())} of the model's entries; skipped "
-                            f"{len(model_problems)} entries and the optimiser state:\n  " + '\n  '.join(problems[:5])
-                            + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ''), stacklevel=2)
-        return self
+@patch
+def load(self: Learner, path,
+         strict: bool = True): # False: load the model's entries that fit, warn about the rest
+    "Load a checkpoint into the model and the optimiser: all of it, or, if any part does not fit, nothing."
+    ckpt = read_checkpoint(path)
+    model_problems, opt_problems = self._mismatches(ckpt)
+    problems = [f"{k}: {why}" for k, why in model_problems.items()] + opt_problems
+    if strict and problems: raise _mismatch_error(path, problems)
+    self.model.load_state_dict({k: v for k, v in ckpt['model'].items() if k not in model_problems}, strict=not problems)
+    if not problems: self.opt.load_state_dict(ckpt['opt'])
+    else: warnings.warn(f"{path}: loaded {len(ckpt['model'].keys() - model_problems.keys())} of the model's entries; skipped "
+                        f"{len(model_problems)} entries and the optimiser state:\n  " + '\n  '.join(problems[:5])
+                        + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ''), stacklevel=2)
+    return self
 
 # %% ../nbs/03_learner.ipynb #ckpt-rng
 def _loaders(dls): return [(name, getattr(dls, name, None)) for name in ('train', 'valid')]

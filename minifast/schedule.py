@@ -14,6 +14,7 @@ from bisect import bisect_right
 from functools import partial
 import torch
 import matplotlib.pyplot as plt
+from fastcore.basics import patch
 from .foundations import listify
 from .learner import Callback, CheckpointError
 
@@ -107,29 +108,35 @@ class Recorder(Callback):
         "The training losses, one per batch, as a CPU tensor."
         return torch.stack(self._losses).float().cpu() if self._losses else torch.empty(0)
 
-    def state_dict(self) -> dict:
-        "What was recorded, for a checkpoint: the values as lists, the losses as one tensor."
-        return {'params': {name: [list(v) for v in per_group] for name, per_group in self.params.items()},
-                'losses': torch.stack(self._losses) if self._losses else torch.empty(0)}
+# %% ../nbs/04_schedule.ipynb #726ef367
+@patch
+def state_dict(self: Recorder) -> dict:
+    "What was recorded, for a checkpoint: the values as lists, the losses as one tensor."
+    return {'params': {name: [list(v) for v in per_group] for name, per_group in self.params.items()},
+            'losses': torch.stack(self._losses) if self._losses else torch.empty(0)}
 
-    def load_state_dict(self, state: dict):
-        "Put back what `state_dict` returned."
-        if list(state['params']) != list(self.param_names):
-            raise CheckpointError(f"Recorder: the checkpoint recorded {list(state['params'])}, this one records {list(self.param_names)}")
-        self.params, self._losses = {name: [list(v) for v in per_group] for name, per_group in state['params'].items()}, list(state['losses'])
+@patch
+def load_state_dict(self: Recorder, state: dict):
+    "Put back what `state_dict` returned."
+    if list(state['params']) != list(self.param_names):
+        raise CheckpointError(f"Recorder: the checkpoint recorded {list(state['params'])}, this one records {list(self.param_names)}")
+    self.params, self._losses = {name: [list(v) for v in per_group] for name, per_group in state['params'].items()}, list(state['losses'])
 
-    def plot_lr(self, param_name='lr', group=-1):
-        "Plot `param_name` of param group `group` against the batch index."
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.plot(self.params[param_name][group]); ax.set_xlabel('batch'); ax.set_ylabel(param_name)
-        return fig
+# %% ../nbs/04_schedule.ipynb #e38a98e1
+@patch
+def plot_lr(self: Recorder, param_name='lr', group=-1):
+    "Plot `param_name` of param group `group` against the batch index."
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(self.params[param_name][group]); ax.set_xlabel('batch'); ax.set_ylabel(param_name)
+    return fig
 
-    def plot_loss(self, skip_last: int = 0):
-        "Plot the training loss against the batch index."
-        fig, ax = plt.subplots(figsize=(5, 3))
-        losses = self.losses
-        ax.plot(losses[:len(losses) - skip_last]); ax.set_xlabel('batch'); ax.set_ylabel('loss')
-        return fig
+@patch
+def plot_loss(self: Recorder, skip_last: int = 0):
+    "Plot the training loss against the batch index."
+    fig, ax = plt.subplots(figsize=(5, 3))
+    losses = self.losses
+    ax.plot(losses[:len(losses) - skip_last]); ax.set_xlabel('batch'); ax.set_ylabel('loss')
+    return fig
 
 # %% ../nbs/04_schedule.ipynb #b0040ca9
 def one_cycle(lr_max: float, pct_start: float = 0.3, div_start: float = 10., div_end: float = 1e3,

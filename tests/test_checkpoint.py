@@ -244,6 +244,16 @@ def test_a_finished_fit_resumes_to_its_end(tmp_path):
     assert_state_equal(outcome(again), outcome(done))
 
 
+def test_checkpoints_work_the_same_once_minifast_distributed_is_imported(tmp_path):
+    "minifast.distributed wraps Learner.save and Learner.load for process groups; outside one they take the same arguments."
+    import minifast.distributed  # noqa: F401  (patches Learner.save and Learner.load)
+    done = make_learner(0, checkpoints=f'{tmp_path}/').fit(1)           # SaveCheckpoint calls save(path, fit=...)
+    again = make_learner(5).fit(1, resume_from=tmp_path / 'epoch.pth')
+    assert_state_equal(outcome(again), outcome(done))
+    saved = small_learner().save(tmp_path / 'three_classes.pth')
+    with pytest.warns(UserWarning, match='skipped'): small_learner(n_out=5, seed=1).load(saved, strict=False)
+
+
 def test_save_checkpoint_checks_its_arguments(tmp_path):
     with pytest.raises(ValueError, match='never save'): SaveCheckpoint(tmp_path / 'x.pth', every_epoch=False)
     with pytest.raises(ValueError, match='at least 1'): SaveCheckpoint(tmp_path / 'x.pth', every_n_batches=0)

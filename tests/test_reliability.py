@@ -528,7 +528,7 @@ def test_fifty_fits_with_activation_stats_leak_nothing():
         learn.fit(2, cbs=stats)
         assert n_forward_hooks(model) == 0
         assert stats.n_recorded == -(-batches_per_fit // every)
-        assert stats.stats.numel() <= layers * stats.n_recorded * (stats.bins + 3)
+        assert stats.stats.numel() <= layers * stats.n_recorded * (stats.bins + 5)  # + sums, count, below and above the range
         assert torch.isfinite(stats.means).all() and (stats.hists.sum(-1) > 0).all()
         refs.append(weakref.ref(stats))
     for _ in range(10): one_fit()
@@ -588,6 +588,25 @@ def test_no_host_read_per_batch_with_activation_stats():
                     cbs=BatchTransformXCallback(view_tfm(1, SIDE, SIDE)))
     with counting_host_reads() as counts: learn.fit(1)
     assert counts['item'] >= len(learn.dls.train)
+
+
+def test_no_host_read_per_batch_with_gradient_and_update_stats():
+    """As above, with GradientStats (its tensor hooks) and UpdateStats (norms and copies of every parameter) recording
+    every batch, and with every third batch: the host reads the same as often with 12 training batches per epoch as with 3."""
+    from minifast.gradients import GradientStats, UpdateStats
+    def host_reads(n_train, every):
+        set_seed(0)
+        grads, updates = GradientStats(every=every), UpdateStats(every=every)
+        learn = Learner(tiny_cnn(RunningBatchNorm), tiny_dls(n_train=n_train), F.cross_entropy, lr=0.1, nonfinite='ignore',
+                        cbs=[BatchTransformXCallback(view_tfm(1, SIDE, SIDE)), ActivationStats(), grads, updates, *one_cycle(0.1)])
+        learn.metrics.printer = None
+        with counting_host_reads() as counts: learn.fit(2)
+        assert grads.n_recorded == updates.n_recorded == -(-2 * (n_train // 16) // every)
+        return counts
+    for every in (1, 3):
+        few, many = host_reads(48, every), host_reads(192, every)
+        assert sum(few.values()) > 0
+        assert many == few, (every, few, many)
 
 
 # ---------------------------------------------------------------- 8. lr_find puts everything back

@@ -1,14 +1,17 @@
 """The docs site as a reader's browser sees it.
 
-The site is built (tools/build_docs.py) from the quick-size notebooks that `make nbtest` ran and
+The site (Sphinx with myst-nb and sphinx-book-theme) is built (tools/build_docs.py) from the quick-size notebooks that `make nbtest` ran and
 saved in _quick/ (stamped _quick/.executed), so the notebooks are not run a second time; if that
 copy is missing, unstamped or no longer matches nbs/, this test runs them itself first. Each page
 is then opened in headless Chromium (Debian's `chromium` with its `chromedriver`, set up by
 tools/install_browser.sh) from a server on 127.0.0.1.
 
 Markers the later notebooks must keep, so that their pages can be checked:
-- 06: a heading containing "Activation statistics" (or "ActivationStats"), with at least two figures after it.
-- 07: an HTML table output with class "norm-comparison" (a header row and at least two rows).
+- 06: a heading containing "activation" (now "Looking at activations: the lesson's five lines"), with at least
+  two figures after it.
+- 07: an HTML table output with class "norm-comparison" (a header row and at least two rows), which fits
+  the content column or scrolls inside it.
+- any page with `$math$` in its markdown shows it as MathML, which the browser renders without a network.
 """
 import functools, http.server, json, os, re, shutil, subprocess, sys, tempfile, threading, time
 import urllib.error, urllib.parse, urllib.request
@@ -23,6 +26,10 @@ ARTIFACTS = ROOT/'test-artifacts'
 SITE = ARTIFACTS/'site'
 CHROMIUM, CHROMEDRIVER = shutil.which('chromium') or '/usr/bin/chromium', shutil.which('chromedriver') or '/usr/bin/chromedriver'
 IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/gif', 'image/webp')
+# the text of the page's headings, without Sphinx's permalink (`#` or a pilcrow) after each
+HEADINGS_JS = ("return [...document.querySelectorAll('article h1, article h2, article h3, article h4, article h5, article h6')]"
+               ".map(h => { const c = h.cloneNode(true); c.querySelectorAll('.headerlink').forEach(a => a.remove());"
+               " return c.textContent.replace('¶', '').trim(); })")
 
 
 # --- the quick-size notebooks and the site built from them ------------------------------------
@@ -158,15 +165,16 @@ def screenshot(driver, name):
 def test_every_notebook_has_a_page(notebooks, site):
     assert 'index' in notebooks or (site/'index.html').exists()
     for name in notebooks: assert (site/f'{name}.html').exists(), f'no page for {notebooks[name].name}'
-    index = json.loads((site/'search/search_index.json').read_text())
-    indexed = {d['location'].split('#')[0] for d in index['docs']}
-    for name in notebooks: assert f'{name}.html' in indexed or (name == 'index' and '' in indexed), f'{name} is not in the search index'
+    index_js = (site/'searchindex.js').read_text(encoding='utf-8')   # Sphinx's: Search.setIndex({...})
+    indexed = set(json.loads(index_js[index_js.index('(') + 1:index_js.rindex(')')])['docnames'])
+    for name in notebooks: assert name in indexed, f'{name} is not in the search index'
 
 
 def test_nav_is_in_course_order(notebooks, server, browser):
     assert not open_page(browser, server + 'index.html')
+    # the site's title leads home, then the sidebar lists the notebooks
     links = browser.execute_script(
-        "return [...document.querySelectorAll('nav.md-nav--primary > ul > li > a.md-nav__link')].map(a => a.getAttribute('href'))")
+        "return [...document.querySelectorAll('a.navbar-brand, nav.bd-docs-nav li.toctree-l1 > a')].map(a => a.getAttribute('href'))")
     pages = [urllib.parse.urlsplit(h).path.rsplit('/', 1)[-1] or 'index.html' for h in links]
     expected = [f'{name}.html' for name in _page_names(QUICK_NBS)]
     assert [p for p in pages if p in expected] == expected
@@ -195,15 +203,13 @@ def test_page(name, notebooks, server, browser):
         "return [...document.images].map(i => [i.getAttribute('src').slice(0, 80), i.complete, i.naturalWidth])")
     broken = [src for src, complete, width in images if not (complete and width > 0)]
     assert not broken, f'{name}.html has images that do not load or decode: {broken}'
-    n_figures = browser.execute_script("return document.querySelectorAll('.jp-OutputArea-output img').length")
+    n_figures = browser.execute_script("return document.querySelectorAll('div.cell_output img').length")
     expected = output_images(notebooks[name]) if name in notebooks else 0
     assert n_figures >= expected, f'{name}.html shows {n_figures} of the notebook\'s {expected} images'
 
     # the prose is there: every heading the notebook's markdown has is a heading on the page
     if name in notebooks:
-        page_headings = set(browser.execute_script(
-            "return [...document.querySelectorAll('article h1, article h2, article h3, article h4, article h5, article h6')]"
-            ".map(h => h.textContent.replace('¶', '').trim())"))
+        page_headings = set(browser.execute_script(HEADINGS_JS))
         missing = [h for h in markdown_headings(notebooks[name]) if h not in page_headings]
         assert not missing, f'{name}.html lacks these headings of {notebooks[name].name}: {missing}'
 
@@ -221,7 +227,7 @@ def test_page(name, notebooks, server, browser):
 
     # navigation: every page but the last links on to the next one in course order
     if page_index + 1 < len(names):
-        nxt = browser.execute_script("const a = document.querySelector('a.md-footer__link--next'); return a && a.href")
+        nxt = browser.execute_script("const a = document.querySelector('a.right-next'); return a && a.href")
         assert nxt and nxt.split('#')[0].endswith(f'{names[page_index + 1]}.html'), f'{name}.html: next is {nxt}'
     screenshot(browser, f'site-{name}.png')
 
@@ -236,12 +242,12 @@ def test_activation_stats_page_shows_its_figures(notebooks, server, browser):
     assert not open_page(browser, server + f'{name}.html')
     n_after = browser.execute_script(r"""
         const h = [...document.querySelectorAll('article h1, article h2, article h3')]
-                  .find(h => /activation\s*stat(istic)?s/i.test(h.textContent));
+                  .find(h => /activation/i.test(h.textContent));
         if (!h) return -1;
-        return [...document.querySelectorAll('.jp-OutputArea-output img')]
+        return [...document.querySelectorAll('div.cell_output img')]
                .filter(i => h.compareDocumentPosition(i) & Node.DOCUMENT_POSITION_FOLLOWING && i.naturalWidth > 0).length""")
-    assert n_after != -1, f'{name}.html has no heading "Activation statistics" or "ActivationStats"'
-    assert n_after >= 2, f'{name}.html shows {n_after} figures after "Activation statistics", expected at least 2'
+    assert n_after != -1, f'{name}.html has no heading that mentions activations'
+    assert n_after >= 2, f'{name}.html shows {n_after} figures after its first heading on activations, expected at least 2'
 
 
 def test_norm_comparison_page_shows_its_table(notebooks, server, browser):
@@ -252,21 +258,58 @@ def test_norm_comparison_page_shows_its_table(notebooks, server, browser):
         const t = document.querySelector('table.norm-comparison');
         if (!t) return null;
         t.scrollIntoView({block: 'start'}); window.scrollBy(0, -80);   // the caption below the header bar
+        // the content column, and whether the table fits it or a box between them scrolls sideways
+        const column = t.closest('article').getBoundingClientRect();
+        const box = t.getBoundingClientRect();
+        let scroller = null;
+        for (let e = t.parentElement; e && e.tagName !== 'ARTICLE'; e = e.parentElement)
+            if (['auto', 'scroll'].includes(getComputedStyle(e).overflowX)) { scroller = e; break; }
+        const inside = scroller && scroller.getBoundingClientRect();
         return {header: t.querySelectorAll('thead th, tr:first-child th').length,
-                rows: t.querySelectorAll('tbody tr').length, height: t.offsetHeight}""")
+                rows: t.querySelectorAll('tbody tr').length, height: t.offsetHeight,
+                fits: box.left >= column.left - 1 && box.right <= column.right + 1,
+                scrolls: !!scroller && inside.left >= column.left - 1 && inside.right <= column.right + 1}""")
     assert table is not None, f'{name}.html has no table.norm-comparison'
     assert table['header'] > 0 and table['rows'] >= 2 and table['height'] > 0, f'{name}.html: the norm table looks empty: {table}'
+    assert table['fits'] or table['scrolls'], f'{name}.html: the norm table spills out of the content column: {table}'
     time.sleep(0.2)
     screenshot(browser, 'site-07.png')
 
 
-def test_search_finds_an_exported_symbol(server, browser):
-    assert not open_page(browser, server + 'index.html')
+@pytest.mark.parametrize('query,page', [('RunningBatchNorm', 'batchnorm.html'), ('course_size', 'foundations.html')])
+def test_search_finds_an_exported_symbol(server, browser, query, page):
+    "Sphinx's search runs in the page on its own index (searchindex.js): the search box submits to search.html."
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
-    box = browser.find_element(By.CSS_SELECTOR, 'input.md-search__input')   # in the header at desktop width
-    box.click()
-    box.send_keys('course_size')
-    WebDriverWait(browser, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, '.md-search-result__item'))
-    results = browser.execute_script("return [...document.querySelectorAll('.md-search-result__item a')].map(a => a.href)")
-    assert any('foundations.html' in r for r in results), results
+    assert not open_page(browser, server + 'search.html')
+    box = browser.find_element(By.CSS_SELECTOR, '.bd-search-container form.bd-search input[name=q]')
+    box.send_keys(query, Keys.ENTER)
+    WebDriverWait(browser, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#search-results ul.search li a'))
+    results = browser.execute_script("return [...document.querySelectorAll('#search-results ul.search li a')].map(a => a.href)")
+    assert any(page in r for r in results), results
+    assert not [e for e in browser.get_log('browser') if e['level'] == 'SEVERE']
+
+
+def _has_math(nb_path: Path) -> bool:
+    "Whether the notebook's markdown holds `$...$` math (outside code)."
+    cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
+    text = ' '.join(re.sub(r'```.*?```|`[^`]*`', '', ''.join(c['source']), flags=re.S) for c in cells if c['cell_type'] == 'markdown')
+    return re.search(r'\$[^$\s][^$]*\$', text) is not None
+
+
+@pytest.mark.parametrize('name', _page_names())
+def test_page_needs_no_network(name, notebooks, server, browser):
+    "Everything a page loads comes from the site itself, and its math is MathML the browser lays out, no MathJax."
+    assert not open_page(browser, server + f'{name}.html')
+    sources = browser.execute_script(
+        "return [...document.querySelectorAll('script[src], link[href][rel~=stylesheet], link[href][rel~=preload], img[src], iframe[src]')]"
+        ".map(e => e.src || e.href)")
+    foreign = [s for s in sources if not s.startswith(server) and not s.startswith('data:')]
+    assert not foreign, f'{name}.html loads from other hosts: {foreign}'
+    assert not browser.execute_script("return !!window.MathJax"), f'{name}.html loads MathJax'
+    if name in notebooks and _has_math(notebooks[name]):
+        sizes = browser.execute_script(
+            "return [...document.querySelectorAll('article math')].map(m => { const r = m.getBoundingClientRect(); return [r.width, r.height]; })")
+        assert sizes, f'{notebooks[name].name} has $math$ but {name}.html shows no MathML'
+        assert all(w > 0 and h > 0 for w, h in sizes), f'{name}.html has MathML that takes no space: {sizes}'

@@ -1,4 +1,4 @@
-"""Build the docs site from executed notebooks: nbdev processes them, mkdocs renders them.
+"""Build the docs site from executed notebooks: nbdev processes them, Sphinx with myst-nb renders them.
 
     python tools/build_docs.py                        # nbs/ -> _docs/ (`make docs` runs `make course` first)
     python tools/build_docs.py --nbs _quick --site test-artifacts/site   # what tests/test_site.py does
@@ -8,25 +8,28 @@ The notebooks are not run here: their saved outputs (figures, tables, printed nu
    before quarto), writes processed copies to _proc/: a `show_doc` cell, executed, after every
    exported symbol (signature, docstring, docments), exported code and `#| hide` cells dropped,
    the title cell turned into frontmatter, backticked names linked to their docs.
-2. `to_mkdocs` turns that quarto-flavoured notebook into one mkdocs-jupyter renders, as quarto
-   would show it: the `show_doc` outputs become markdown, the `#|` options (echo, output, include)
-   are applied and their lines removed, `$math$` becomes MathML (so no page loads MathJax from a
-   CDN), links to `NN_name.ipynb` or to the published site point at the pages, and the text after
-   the title in the title cell, which nbdev drops, is kept. Into _proc/docs/, one `name.ipynb` per
-   page (`name.html`, nbdev's page names).
-3. mkdocs (material theme, mkdocs-jupyter, search) renders _proc/docs/ with the repository's
-   mkdocs.yml plus a generated _proc/mkdocs.yml that holds the course-order nav.
+2. `to_myst` turns that quarto-flavoured notebook into one myst-nb renders as quarto would show
+   it: the `show_doc` outputs become markdown cells, the `#|` options (echo, output, include)
+   become cell tags, links to `NN_name.ipynb` or to the published site point at the pages, and
+   the text after the title in the title cell, which nbdev drops, is kept. Into _proc/site/, one
+   `name.ipynb` per page (`name.html`, nbdev's page names); the home page lists the others in
+   course order (a hidden toctree), which is the site's navigation.
+3. Sphinx (myst-nb, sphinx-book-theme; settings in tools/sphinx/conf.py) renders _proc/site/.
+   Math becomes MathML at build time and search is Sphinx's own index, so the site loads
+   nothing from other hosts.
 """
 import argparse, html, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import yaml
-from latex2mathml.converter import convert as latex_to_mathml
 from nbdev.config import get_config, nbpath2html
 from nbdev.doclinks import NbdevLookup, nbglob
 
 ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT/'tools/sphinx'
 sys.path.insert(0, str(ROOT))   # document this checkout's minifast, as nbdev-test tests it
+sys.path.insert(0, str(CONF_DIR))
+from minifast_site import heading_slug   # the anchors Sphinx will give headings
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.gif', '.svg', '.webp'}
 
 
@@ -50,7 +53,7 @@ def nbdev_process(nbs: Path) -> Path:
     return Path(proc_nbs(str(nbs), n_workers=0, force=True))
 
 
-# --- step 2: from quarto's notebook to mkdocs-jupyter's ----------------------------------------
+# --- step 2: from quarto's notebook to myst-nb's ---------------------------------------------
 _directive = re.compile(r'^#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
 
 def split_directives(source: str):
@@ -74,42 +77,44 @@ def _attrs_to_html(attrs: str) -> str:
 
 
 _attr_link = re.compile(r'\[([^\]]+)\]\(([^)\s]+)\)\{([^}]*)\}')
-_code_or_fence = re.compile(r'(```.*?```|`[^`\n]*`)', re.DOTALL)
-_display_math = re.compile(r'\$\$(.+?)\$\$', re.DOTALL)
-_inline_math = re.compile(r'(?<![\\$\w])\$(?!\s)([^$\n]+?)(?<![\s\\])\$(?![\w$])')
 
 
-def _mathml(latex: str, display: str) -> str:
-    "MathML for `latex`; `*` and `_` as entities so that markdown leaves them alone."
-    latex = re.sub(r'\\mathrm\{(\w)\}', r'\\text{\1}', latex.strip())   # latex2mathml sets a lone \mathrm letter in italics
-    try: m = latex_to_mathml(latex, display=display)
-    except Exception as e:
-        print(f'  warning: could not convert ${latex}$ to MathML ({e}); left as text', file=sys.stderr)
-        return html.escape(f'${latex}$')
-    return m.replace('*', '&#42;').replace('_', '&#95;')
+def page_anchors(nb: dict) -> set:
+    "The heading anchors a processed notebook's page will have: its markdown headings and `show_doc` headings."
+    texts = [_text(c.get('source')) for c in nb['cells'] if c['cell_type'] == 'markdown']
+    texts += [_text(o.get('data', {}).get('text/markdown')) for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', [])]
+    heads = re.findall(r'^#{1,6}\s+(.+?)\s*$', '\n'.join(texts), re.M)
+    return {heading_slug(re.sub(r'`|\*\*', '', h)) for h in heads}
 
 
-def relinker(site_url: str, pages: dict):
-    "A function that makes a link target relative if it is on the published site, and points `NN_x.ipynb` at its page."
+def relinker(site_url: str, pages: dict, anchors: dict):
+    """A function that points `NN_x.ipynb` and links into the published site (`x.html#frag`) at the page `x.ipynb`,
+    which myst resolves. nbdev links a method (`#learner.fit`) that has no heading of its own to its class's heading
+    (`#learner`), as a reader would look for it, or else to the page."""
+    sources = {f'{p}.html': p for p in pages.values()}
     def relink(target: str) -> str:
-        if site_url and target.startswith(site_url): return target[len(site_url):]
+        if site_url and target.startswith(site_url): target = target[len(site_url):] or 'index.html'
         name, hash_, frag = target.removeprefix('./').partition('#')
-        return pages[name] + hash_ + frag if name in pages else target
+        page = pages.get(name) or sources.get(name)
+        if page is None: return target
+        if frag and frag not in anchors.get(page, ()):
+            owner = frag.split('.')[0]
+            frag = owner if owner in anchors.get(page, ()) else ''
+            hash_ = '#' if frag else ''
+        return f'{page}.ipynb{hash_}{frag}'
     return relink
 
 
 def convert_markdown(md: str, relink) -> str:
-    "Quarto link attributes to HTML, `$math$` to MathML, link targets through `relink`."
+    "Quarto link attributes to HTML, link targets through `relink`."
     md = re.sub(r'(\]\()([^)\s]+)', lambda m: m[1] + relink(m[2]), md)
-    md = _attr_link.sub(lambda m: f'<a href="{html.escape(m[2])}" {_attrs_to_html(m[3])}>{m[1]}</a>', md)
-    parts = _code_or_fence.split(md)
-    for i in range(0, len(parts), 2):   # the even parts are outside code
-        p = _display_math.sub(lambda m: '\n\n' + _mathml(m[1], 'block') + '\n\n', parts[i])
-        parts[i] = _inline_math.sub(lambda m: _mathml(m[1], 'inline'), p)
-    return ''.join(parts)
+    return _attr_link.sub(lambda m: f'<a href="{html.escape(m[2])}" {_attrs_to_html(m[3])}>{m[1]}</a>', md)
 
 
-def _md_cell(source: str) -> dict: return dict(cell_type='markdown', metadata={}, source=source)
+def _md_cell(source: str) -> dict:
+    "A markdown cell, with an id of its own (nbformat 4.5)."
+    _md_cell.n = getattr(_md_cell, 'n', 0) + 1
+    return dict(cell_type='markdown', id=f'site-md-{_md_cell.n}', metadata={}, source=source)
 
 
 _fm_line = re.compile(r'^(#\s+\S.*|>\s+\S.*|-\s+\S.*:.*\S)\s*$')
@@ -123,8 +128,8 @@ def title_cell_rest(nb_path: Path) -> str:
     return ''
 
 
-def to_mkdocs(nb: dict, relink, intro: str = ''):
-    "The frontmatter and the mkdocs-jupyter notebook for an nbdev-processed notebook `nb`; `intro` follows the title."
+def to_myst(nb: dict, relink, intro: str = ''):
+    "The frontmatter and the myst-nb notebook for an nbdev-processed notebook `nb`; `intro` follows the title."
     cells, fm = [], {}
     for cell in nb['cells']:
         src = _text(cell.get('source'))
@@ -146,37 +151,33 @@ def to_mkdocs(nb: dict, relink, intro: str = ''):
         if opts.get('include') == 'false': continue
         outputs = [] if opts.get('output') == 'false' else cell.get('outputs', [])
         meta = {k: v for k, v in cell.get('metadata', {}).items() if k not in ('execution', 'language')}
-        if opts.get('echo') == 'false': meta['tags'] = meta.get('tags', []) + ['remove_input']
+        if opts.get('echo') == 'false': meta['tags'] = meta.get('tags', []) + ['remove-input']
         if opts.get('output') == 'asis':   # show_doc: its markdown output is the page text
             if opts.get('echo') != 'false': cells.append(dict(cell, metadata=meta, source=code, outputs=[]))
             for o in outputs:
                 md = _text(o.get('data', {}).get('text/markdown')) or _text(o.get('text'))
+                md = re.sub(r'^---\s*\n', '', md.lstrip('\n'))   # nbdev's rule above each symbol; the heading separates it
                 # a symbol's name is text, even `annealer.<locals>.make`
                 md = re.sub(r'^#+ .*$', lambda m: m[0].replace('<', '&lt;').replace('>', '&gt;'), md, flags=re.M)
                 if md.strip(): cells.append(_md_cell(convert_markdown(md, relink)))
             continue
+        if not outputs and not code.strip(): continue
         cells.append(dict(cell, metadata=meta, source=code, outputs=outputs))
     return fm, dict(nb, cells=cells)
+
+
+def toctree(names: list) -> str:
+    "The home page's hidden toctree: the site's navigation, in course order."
+    return '```{toctree}\n:hidden:\n:maxdepth: 1\n\n' + '\n'.join(names) + '\n```\n'
 
 
 def home_page(pages: list, cfg) -> str:
     "A stand-in home page for a notebooks folder without index.ipynb."
     items = '\n'.join(f'- [{title}]({name}.ipynb)' for name, title, _ in pages)
-    return f"# {cfg.get('title', 'minifast')}\n\n> {cfg.get('description', '')}\n\n{items}\n"
+    return f"# {cfg.get('title', 'minifast')}\n\n> {cfg.get('description', '')}\n\n{items}\n\n"
 
 
-# --- step 3: mkdocs -----------------------------------------------------------------------------
-def write_mkdocs_config(proc: Path, docs: Path, site: Path, nav: list) -> Path:
-    "_proc/mkdocs.yml: the repository's mkdocs.yml, plus this build's paths and course-order nav."
-    cfg = {'INHERIT': str(ROOT/'mkdocs.yml'), 'docs_dir': str(docs), 'site_dir': str(site),
-           # mkdocs.yml's relative paths would start at _proc/ here
-           'theme': {'custom_dir': str(ROOT/'tools/site_theme')}, 'hooks': [str(ROOT/'tools/mkdocs_hooks.py')],
-           'nav': [{title: fname} for title, fname in nav]}
-    path = proc/'mkdocs.yml'
-    path.write_text('# Written by tools/build_docs.py; edit mkdocs.yml instead.\n' + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
-    return path
-
-
+# --- step 3: Sphinx -------------------------------------------------------------------------------
 def build(nbs: Path, site: Path, strict: bool = True) -> Path:
     cfg = get_config(nbs)
     notebooks = course_notebooks(nbs)
@@ -190,39 +191,46 @@ def build(nbs: Path, site: Path, strict: bool = True) -> Path:
         sys.exit(f'build_docs: {e}\n\nnbdev runs the exported cells and every cell that imports something, to render '
                  'show_doc; a cell that imports and also uses names from cells it does not run fails here (and in '
                  'nbdev-docs). Keep imports in cells of their own.')
-    docs = proc/'docs'
-    shutil.rmtree(docs, ignore_errors=True); docs.mkdir(parents=True)
+    src_dir = proc/'site'
+    shutil.rmtree(src_dir, ignore_errors=True); src_dir.mkdir(parents=True)
     site_url = f"{cfg.get('doc_host', '')}{cfg.get('doc_baseurl', '')}".rstrip('/') + '/'
-    relink = relinker(site_url, {p.name: nbpath2html(p).name for p in notebooks})   # as quarto links .ipynb to .html
+    names = {p.name: nbpath2html(p).stem for p in notebooks}   # as quarto links .ipynb to .html
+    processed = {p.name: json.loads((proc/p.name).read_text(encoding='utf-8')) for p in notebooks}
+    relink = relinker(site_url, names, {names[n]: page_anchors(nb) for n, nb in processed.items()})
 
-    pages, kept = [], []   # pages: (page name, title, source notebook), in course order
+    pages, kept = [], {}   # pages: (page name, title, notebook), in course order
     for src in notebooks:
         intro = title_cell_rest(src)
-        if intro: kept.append(src.name); intro = NbdevLookup().linkify(intro)   # as nbdev links the other cells
-        fm, page_nb = to_mkdocs(json.loads((proc/src.name).read_text(encoding='utf-8')), relink, intro)
+        if intro: intro = NbdevLookup().linkify(intro); kept[src.name] = intro   # as nbdev links the other cells
+        fm, page_nb = to_myst(processed[src.name], relink, intro)
         name = Path(fm.get('output-file') or src.name).stem
         if any(name == p[0] for p in pages): sys.exit(f'build_docs: {src.name} and another notebook both make {name}.html')
-        (docs/f'{name}.ipynb').write_text(json.dumps(page_nb, indent=1, ensure_ascii=False), encoding='utf-8')
-        pages.append((name, fm.get('title') or src.stem, src))
+        pages.append((name, fm.get('title') or src.stem, page_nb))
     if kept: print(f"build_docs: kept the text that follows the title in {', '.join(kept)} (nbdev's own docs "
                    "drop it; give it a markdown cell of its own)", file=sys.stderr)
+
+    others = [name for name, *_ in pages if name != 'index']
+    if not any(name == 'index' for name, *_ in pages):
+        print(f'build_docs: warning: no {cfg.get("readme_nb", "index.ipynb")} in {nbs}; writing a stand-in home page', file=sys.stderr)
+        (src_dir/'index.md').write_text(home_page(pages, cfg) + toctree(others), encoding='utf-8')
+    for name, _, page_nb in pages:
+        if name == 'index': page_nb['cells'].append(_md_cell(toctree(others)))
+        (src_dir/f'{name}.ipynb').write_text(json.dumps(page_nb, indent=1, ensure_ascii=False), encoding='utf-8')
     for f in nbs.rglob('*'):   # pictures the notebooks' markdown shows, e.g. ![](images/x.png)
         rel = f.relative_to(nbs)
         if f.suffix.lower() in IMAGE_SUFFIXES and not any(p[0] in '_.' for p in rel.parts):
-            (docs/rel).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, docs/rel)
-    if not any(name == 'index' for name, *_ in pages):
-        print(f'build_docs: warning: no {cfg.get("readme_nb", "index.ipynb")} in {nbs}; writing a stand-in home page', file=sys.stderr)
-        (docs/'index.md').write_text(home_page(pages, cfg), encoding='utf-8')
-        nav = [('Home', 'index.md')]
-    else: nav = []
-    nav += [('Home' if name == 'index' else title, f'{name}.ipynb') for name, title, _ in pages]
+            (src_dir/rel).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, src_dir/rel)
 
-    config = write_mkdocs_config(proc, docs, site.resolve(), nav)
-    print(f'build_docs: mkdocs build -> {site}')
-    res = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--clean', '--quiet',
-                          *(['--strict'] if strict else []), '-f', str(config)], cwd=ROOT,
-                         env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
-    if res.returncode: sys.exit(f'build_docs: mkdocs build failed (exit {res.returncode})')
+    print(f'build_docs: sphinx-build -> {site}')
+    shutil.rmtree(site, ignore_errors=True)
+    res = subprocess.run([sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-E', '-j', 'auto',
+                          *(['-W', '--keep-going'] if strict else []), '-c', str(CONF_DIR),
+                          '-d', str(proc/'doctrees'), str(src_dir), str(site.resolve())], cwd=ROOT)
+    if res.returncode: sys.exit(f'build_docs: sphinx-build failed (exit {res.returncode})')
+    shutil.rmtree(site/'.doctrees', ignore_errors=True)
+    sources = site/'_sources'   # left empty: html_copy_source is off
+    if sources.is_dir() and not any(sources.iterdir()): sources.rmdir()
+    (site/'.nojekyll').touch()   # GitHub Pages: serve _static/ and _images/ as they are
     return site
 
 
@@ -231,7 +239,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--nbs', type=Path, default=cfg.nbs_path, help='executed notebooks to build from (default: nbs/)')
     ap.add_argument('--site', type=Path, default=cfg.doc_path, help='where the site goes (default: _docs/)')
-    ap.add_argument('--no-strict', action='store_true', help="don't turn mkdocs warnings into errors")
+    ap.add_argument('--no-strict', action='store_true', help="don't turn Sphinx warnings into errors")
     args = ap.parse_args()
     site = build(args.nbs.resolve(), args.site, strict=not args.no_strict)
     print(f'build_docs: done; serve it with: python -m http.server -d {site}')
