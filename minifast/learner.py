@@ -352,24 +352,37 @@ class ProgressCallback(Callback):
             self.mbar = master_bar(range(self.learn.n_epochs))
             self.mbar.on_iter_begin()
             self.mbar.update(0)
-    def before_epoch(self): self._bar(self.learn.dls.train)
-    def before_validate(self): self._bar(self.learn.dls.valid)
-    def _bar(self, dl):
-        if self.mbar is None: return
-        self.pbar = progress_bar(range(len(dl)), parent=self.mbar, leave=False)
-        self.pbar.update(0)
-    def after_batch(self):
-        if self.pbar is not None: self.pbar.update(self.learn.iter + 1)
-    def after_epoch(self):
-        if self.mbar is not None: self.mbar.update(self.learn.epoch + 1)
-        history = getattr(getattr(self.learn, 'metrics', None), 'history', None)
-        if self.plot and history:   # the plot needs a MetricsCallback
-            self.fig = plot_losses(history, None if self.fig is None else self.fig.axes[0])
-            self._shown = show_live(self.fig, self._shown)
-    def after_fit(self):
-        if self.pbar is not None: self.pbar.on_iter_end()
-        if self.mbar is not None: self.mbar.on_iter_end()
-        self.mbar = self.pbar = None
+
+# %% ../nbs/03_learner.ipynb #9d1b35c1
+@patch
+def before_epoch(self: ProgressCallback): self._bar(self.learn.dls.train)
+
+@patch
+def before_validate(self: ProgressCallback): self._bar(self.learn.dls.valid)
+
+@patch
+def _bar(self: ProgressCallback, dl):
+    if self.mbar is None: return
+    self.pbar = progress_bar(range(len(dl)), parent=self.mbar, leave=False)
+    self.pbar.update(0)
+
+@patch
+def after_batch(self: ProgressCallback):
+    if self.pbar is not None: self.pbar.update(self.learn.iter + 1)
+
+@patch
+def after_epoch(self: ProgressCallback):
+    if self.mbar is not None: self.mbar.update(self.learn.epoch + 1)
+    history = getattr(getattr(self.learn, 'metrics', None), 'history', None)
+    if self.plot and history:   # the plot needs a MetricsCallback
+        self.fig = plot_losses(history, None if self.fig is None else self.fig.axes[0])
+        self._shown = show_live(self.fig, self._shown)
+
+@patch
+def after_fit(self: ProgressCallback):
+    if self.pbar is not None: self.pbar.on_iter_end()
+    if self.mbar is not None: self.mbar.on_iter_end()
+    self.mbar = self.pbar = None
 
 # %% ../nbs/03_learner.ipynb #ckpt-read
 CHECKPOINT_VERSION = 1   # the layout of the checkpoint dict; `read_checkpoint` refuses a newer one
@@ -579,17 +592,19 @@ class SaveCheckpoint(Callback):
     def after_epoch(self):
         if self.every_epoch: self.save(self.learn.epoch + 1, 0)
 
-    def save(self, epoch: int, batch: int): # where a resumed fit starts: at training batch `batch` of epoch `epoch`
-        "Write the checkpoint: model, optimiser, position, callbacks' states and generators."
-        learn = self.learn
-        stateful = [cb for cb in learn.cbs if has_state(cb)]
-        if len({cb.name for cb in stateful}) < len(stateful): raise ValueError(f"SaveCheckpoint: two callbacks with state share a name: {[cb.name for cb in stateful]}")
-        fit = {'n_epochs': learn.n_epochs, 'epoch': epoch, 'batch': batch, 'n_train_batches': len(learn.dls.train),
-               'n_skipped_batches': learn.n_skipped_batches, 'callbacks': {cb.name: cb.state_dict() for cb in stateful},
-               'rng': rng_states(learn.dls)}
-        if batch: fit['rng_epoch_start'] = self._rng_epoch_start
-        learn.save(self.path, fit=fit)
-        self.n_saved += 1
+# %% ../nbs/03_learner.ipynb #61db10bf
+@patch
+def save(self: SaveCheckpoint, epoch: int, batch: int): # where a resumed fit starts: at training batch `batch` of epoch `epoch`
+    "Write the checkpoint: model, optimiser, position, callbacks' states and generators."
+    learn = self.learn
+    stateful = [cb for cb in learn.cbs if has_state(cb)]
+    if len({cb.name for cb in stateful}) < len(stateful): raise ValueError(f"SaveCheckpoint: two callbacks with state share a name: {[cb.name for cb in stateful]}")
+    fit = {'n_epochs': learn.n_epochs, 'epoch': epoch, 'batch': batch, 'n_train_batches': len(learn.dls.train),
+           'n_skipped_batches': learn.n_skipped_batches, 'callbacks': {cb.name: cb.state_dict() for cb in stateful},
+           'rng': rng_states(learn.dls)}
+    if batch: fit['rng_epoch_start'] = self._rng_epoch_start
+    learn.save(self.path, fit=fit)
+    self.n_saved += 1
 
 # %% ../nbs/03_learner.ipynb #ckpt-resume
 def _to_device(o, device):

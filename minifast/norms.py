@@ -16,6 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
+from fastcore.basics import patch
 from .foundations import set_seed
 from .data import DataLoaders
 from .losses import accuracy, cross_entropy
@@ -198,47 +199,57 @@ class RunningBatchNorm(nn.Module):
         # no device op and no sync; saved with the model through `get_extra_state`.
         self.count, self.n_batches, self.n_items = 0., 0, 0
 
-    def get_extra_state(self): return {'count': self.count, 'n_batches': self.n_batches, 'n_items': self.n_items}
-    def set_extra_state(self, state): self.count, self.n_batches, self.n_items = state['count'], state['n_batches'], state['n_items']
-
     @property
     def sums(self) -> torch.Tensor: "Running sums, per channel."; return self.running[0].view(-1, 1, 1)
     @property
     def sqrs(self) -> torch.Tensor: "Running sums of squares, per channel."; return self.running[1].view(-1, 1, 1)
-
-    def momentum(self, batch_size: int) -> float:
-        "The lesson's momentum for a batch of `batch_size` (step 2); a batch of one counts as a batch of two."
-        return 1 - (1 - self.mom) / math.sqrt(max(batch_size - 1, 1))
 
     @property
     def min_var(self) -> float:
         "The floor on the variance: `warmup_var` until `warmup_items` items have been seen (step 4), then 0."
         return self.warmup_var if self.n_items < self.warmup_items else 0.
 
-    def count_batch(self, batch_size: int, items_per_channel: int) -> float:
-        "Advance the count and the step counters for a training batch; returns its momentum."
-        mom1 = self.momentum(batch_size)
-        self.count += mom1 * (items_per_channel - self.count)
-        self.n_batches += 1; self.n_items += batch_size
-        return mom1
+# %% ../nbs/07_batchnorm.ipynb #2059e196
+@patch
+def get_extra_state(self: RunningBatchNorm): return {'count': self.count, 'n_batches': self.n_batches, 'n_items': self.n_items}
 
-    def factor_offset(self):
-        "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5), as used in eval mode."
-        return factor_and_offset(*running_moments(self.running, self.count), self.mults, self.adds, self.min_var, self.eps)
+@patch
+def set_extra_state(self: RunningBatchNorm, state): self.count, self.n_batches, self.n_items = state['count'], state['n_batches'], state['n_items']
 
-    def forward(self, x):
-        _check_input(self, x, self.n_channels)
-        if not self.training:
-            if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
-            factor, offset = self.factor_offset()
-            return torch.addcmul(offset.to(x.dtype), x, factor.to(x.dtype))
-        mom1 = self.count_batch(x.shape[0], x.numel() / self.n_channels)
-        step = compiled_running_step if self.compiled else RunningBatchNormStep.apply
-        # in float32 for half-precision inputs and layers, like the other norms
-        out = step(_stats_input(x), self.mults.float(), self.adds.float(), self.running, mom1, self.count, self.min_var, self.eps)
-        return out.to(x.dtype)
+@patch
+def momentum(self: RunningBatchNorm, batch_size: int) -> float:
+    "The lesson's momentum for a batch of `batch_size` (step 2); a batch of one counts as a batch of two."
+    return 1 - (1 - self.mom) / math.sqrt(max(batch_size - 1, 1))
 
-    def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}' + (', compiled=True' if self.compiled else '')
+@patch
+def count_batch(self: RunningBatchNorm, batch_size: int, items_per_channel: int) -> float:
+    "Advance the count and the step counters for a training batch; returns its momentum."
+    mom1 = self.momentum(batch_size)
+    self.count += mom1 * (items_per_channel - self.count)
+    self.n_batches += 1; self.n_items += batch_size
+    return mom1
+
+# %% ../nbs/07_batchnorm.ipynb #3beaad02
+@patch
+def factor_offset(self: RunningBatchNorm):
+    "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5), as used in eval mode."
+    return factor_and_offset(*running_moments(self.running, self.count), self.mults, self.adds, self.min_var, self.eps)
+
+@patch
+def forward(self: RunningBatchNorm, x):
+    _check_input(self, x, self.n_channels)
+    if not self.training:
+        if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
+        factor, offset = self.factor_offset()
+        return torch.addcmul(offset.to(x.dtype), x, factor.to(x.dtype))
+    mom1 = self.count_batch(x.shape[0], x.numel() / self.n_channels)
+    step = compiled_running_step if self.compiled else RunningBatchNormStep.apply
+    # in float32 for half-precision inputs and layers, like the other norms
+    out = step(_stats_input(x), self.mults.float(), self.adds.float(), self.running, mom1, self.count, self.min_var, self.eps)
+    return out.to(x.dtype)
+
+@patch
+def extra_repr(self: RunningBatchNorm): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}' + (', compiled=True' if self.compiled else '')
 
 # %% ../nbs/07_batchnorm.ipynb #0fde1905
 DEFAULT_NORMS = {
@@ -274,22 +285,24 @@ class NormComparison:
         lines = [' | '.join(self.columns)] + [' | '.join(self._cell(r[c]) for c in self.columns) for r in self.rows]
         return '\n'.join(lines)
 
-    def plot(self):
-        "Validation accuracy per norm, one group of bars per batch size (best lr); returns the figure."
-        norms = list(dict.fromkeys(r['norm'] for r in self.rows))
-        sizes = list(dict.fromkeys(r['batch_size'] for r in self.rows))
-        fig, ax = plt.subplots(figsize=(1.2 * len(norms) * len(sizes) / 2 + 3, 3.5))
-        width = 0.8 / len(sizes)
-        for j, bs in enumerate(sizes):
-            accs = []
-            for norm in norms:
-                rows = [r for r in self.rows if r['norm'] == norm and r['batch_size'] == bs]
-                accs.append(0. if not rows else max(0. if math.isnan(r['valid_accuracy']) else r['valid_accuracy'] for r in rows))
-            ax.bar([i + j * width for i in range(len(norms))], accs, width, label=f'batch size {bs}')
-        ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(norms))], norms, rotation=30, ha='right')
-        ax.set_ylabel('valid accuracy'); ax.set_ylim(0, 1); ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
+# %% ../nbs/07_batchnorm.ipynb #b942cc9e
+@patch
+def plot(self: NormComparison):
+    "Validation accuracy per norm, one group of bars per batch size (best lr); returns the figure."
+    norms = list(dict.fromkeys(r['norm'] for r in self.rows))
+    sizes = list(dict.fromkeys(r['batch_size'] for r in self.rows))
+    fig, ax = plt.subplots(figsize=(1.2 * len(norms) * len(sizes) / 2 + 3, 3.5))
+    width = 0.8 / len(sizes)
+    for j, bs in enumerate(sizes):
+        accs = []
+        for norm in norms:
+            rows = [r for r in self.rows if r['norm'] == norm and r['batch_size'] == bs]
+            accs.append(0. if not rows else max(0. if math.isnan(r['valid_accuracy']) else r['valid_accuracy'] for r in rows))
+        ax.bar([i + j * width for i in range(len(norms))], accs, width, label=f'batch size {bs}')
+    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(norms))], norms, rotation=30, ha='right')
+    ax.set_ylabel('valid accuracy'); ax.set_ylim(0, 1); ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/07_batchnorm.ipynb #c86332df
 def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,), n_epochs: int = 1,
