@@ -390,6 +390,7 @@ CHECKPOINT_VERSION = 1   # the layout of the checkpoint dict; `read_checkpoint` 
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: unreadable, from a newer minifast, or not fitting the learner."
 
+# %% ../nbs/03_learner.ipynb #f73eedbf
 def read_checkpoint(path) -> dict:
     "The checkpoint at `path`, on the CPU, read without running code from it; a `CheckpointError` naming the file otherwise."
     path = Path(path)
@@ -520,6 +521,7 @@ def rng_states(dls=None # `DataLoaders` whose loaders may have their own `genera
         if getattr(dl, 'generator', None) is not None: states[f'{name}_generator'] = dl.generator.get_state()
     return states
 
+# %% ../nbs/03_learner.ipynb #f4ea5645
 def set_rng_states(states: dict, # what `rng_states` returned
                    dls=None):
     "Put back the generator states that `rng_states` returned."
@@ -613,6 +615,7 @@ def _to_device(o, device):
     if isinstance(o, (list, tuple)): return type(o)(_to_device(v, device) for v in o)
     return o
 
+# %% ../nbs/03_learner.ipynb #84ba6c79
 class Learner(Learner):
     def _check_resume(self, path, n_epochs: int, cbs: list) -> dict:
         "The checkpoint at `path`, once checked that this fit can go on from it; nothing has changed yet."
