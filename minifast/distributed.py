@@ -88,6 +88,7 @@ def unsynced_norms(model: nn.Module) -> list:
 def _teardown_group():
     if dist.is_initialized(): dist.destroy_process_group()
 
+# %% ../nbs/09_distributed.ipynb #a33a9ad3
 class DistributedCallback(Callback):
     "Makes a fit data-parallel under `torchrun`: joins the group, shards every global batch, wraps the model in DDP."
     _order = -20   # first: the other callbacks see this rank's slice and the wrapped model
@@ -134,6 +135,7 @@ def before_fit(self: DistributedCallback):
 def before_epoch(self: DistributedCallback):
     for dl in (self.learn.dls.train, self.learn.dls.valid): dl.epoch = self.learn.epoch
 
+# %% ../nbs/09_distributed.ipynb #4e14eeef
 @patch
 def before_batch(self: DistributedCallback):
     learn = self.learn
@@ -263,6 +265,7 @@ class SyncedBatchNorm(BatchNorm):
         _check_input(self, x, self.n_channels)
         return _synced_batch_norm(x, self.mults.view(-1), self.adds.view(-1), self.means, self.vars, self.mom, self.eps)
 
+# %% ../nbs/09_distributed.ipynb #c63e2aab
 class SyncedBatchNorm2d(nn.BatchNorm2d):
     "`nn.BatchNorm2d` with the statistics of the global batch when training in a process group, on any device."
     def forward(self, x):

@@ -23,6 +23,7 @@ from .hooks import ActivationStats, GeneralRelu, sample_step
 def _check_every(name, every):
     if not isinstance(every, int) or every < 1: raise ValueError(f"{name}: every must be an integer ≥ 1, got {every!r}")
 
+# %% ../nbs/08_gradients.ipynb #ada1b73c
 class GradientStats(ActivationStats):
     "Records dL/d(output) of each hooked layer per training batch: mean, std, zero share and a histogram of log10|g|, on device."
     def __init__(self, modules=None, # layers to watch; default: every `GeneralRelu` of the model
@@ -42,22 +43,25 @@ class GradientStats(ActivationStats):
         self._zero_at = low - 1.5 * width
         self.stats = None
 
-    def before_fit(self):
-        model = self.learn.model
-        if not (listify(self.modules) or any(isinstance(m, GeneralRelu) for m in model.modules())):
-            raise ValueError("GradientStats: no layers to watch (the model has no GeneralRelu; pass modules=)")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("GradientStats: the model has no parameters that need gradients, so there is no backward pass to watch")
-        super().before_fit()
-        self._calls = [(0, 0)] * len(self._seen)   # per layer, this batch: values and sampled values over all calls
-        self._sample_steps = {}                     # number of values -> the histogram sample's step
+# %% ../nbs/08_gradients.ipynb #7c60432c
+@patch
+def before_fit(self: GradientStats):
+    model = self.learn.model
+    if not (listify(self.modules) or any(isinstance(m, GeneralRelu) for m in model.modules())):
+        raise ValueError("GradientStats: no layers to watch (the model has no GeneralRelu; pass modules=)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("GradientStats: the model has no parameters that need gradients, so there is no backward pass to watch")
+    super(GradientStats, self).before_fit()   # `@patch` has no zero-argument super()
+    self._calls = [(0, 0)] * len(self._seen)   # per layer, this batch: values and sampled values over all calls
+    self._sample_steps = {}                     # number of values -> the histogram sample's step
 
-    def _record(self, hook, module, inputs, output):
-        "The forward hook: on recorded training batches, hook the gradient of the output."
-        if not self._recording: return
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"GradientStats: {type(module).__name__} returned a {type(output).__name__}, not a tensor; watch a layer that returns one")
-        if output.requires_grad: output.register_hook(partial(self._record_grad, hook.layer))
+@patch
+def _record(self: GradientStats, hook, module, inputs, output):
+    "The forward hook: on recorded training batches, hook the gradient of the output."
+    if not self._recording: return
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"GradientStats: {type(module).__name__} returned a {type(output).__name__}, not a tensor; watch a layer that returns one")
+    if output.requires_grad: output.register_hook(partial(self._record_grad, hook.layer))
 
 # %% ../nbs/08_gradients.ipynb #07003aeb
 @patch
@@ -82,6 +86,7 @@ def _record_grad(self: GradientStats, layer, grad):
     self._calls[layer] = (n + g.numel(), sampled + len(magnitudes))
     self._seen[layer] = True
 
+# %% ../nbs/08_gradients.ipynb #b4d9358e
 @patch
 def after_batch(self: GradientStats):
     "Set each layer's count and the sample's scale-up when they changed (host-side numbers), then store the row."
@@ -180,6 +185,7 @@ def after_step(self: UpdateStats):
     _norms_into(self._before, self.stats[2, self.n_recorded])
     self._stage = 2
 
+# %% ../nbs/08_gradients.ipynb #a71a4a1f
 @patch
 def after_batch(self: UpdateStats):
     if not self._recording: return
@@ -251,6 +257,7 @@ def _on_host(cb):
     host.stats = cb.stats[:, :cb.n_recorded].cpu()
     return host
 
+# %% ../nbs/08_gradients.ipynb #affccc70
 def _write_histograms(writer, tag, counts, sums, squares, nums, hist_range, every):
     "One `add_histogram_raw` per recorded batch; `counts` are below the range, the bins, above it."
     low, high = hist_range
@@ -288,6 +295,7 @@ def to_tensorboard(self: GradientStats, log_dir, # folder for the event files (m
     "Write each layer's histograms of log10|g|, mean, std, zero and out-of-range shares to TensorBoard event files in `log_dir`."
     return ActivationStats.to_tensorboard(self, log_dir, prefix)
 
+# %% ../nbs/08_gradients.ipynb #8373a760
 @patch
 def to_tensorboard(self: UpdateStats, log_dir, # folder for the event files (made if missing)
                    prefix: str = 'updates'): # the tags' first part

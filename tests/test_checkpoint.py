@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from state_checks import assert_state_equal
 import minifast
 from minifast.foundations import set_seed
 from minifast.data import DataLoader, DataLoaders
@@ -170,18 +171,6 @@ def kill_when_paused(proc):
     assert proc.returncode == -signal.SIGKILL
 
 
-def assert_state_equal(a, b, where='state'):
-    "Recursive bit-for-bit equality of tensors, dicts, lists and Python scalars."
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), f"{where}: keys {list(a)} vs {list(b)}"
-        for k in a: assert_state_equal(a[k], b[k], f'{where}[{k!r}]')
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)): assert_state_equal(x, y, f'{where}[{i}]')
-    else: assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # ---------------------------------------------------------------- exactness after a real SIGKILL
