@@ -23,6 +23,13 @@ from .hooks import ActivationStats, GeneralRelu, sample_step
 def _check_every(name, every):
     if not isinstance(every, int) or every < 1: raise ValueError(f"{name}: every must be an integer ≥ 1, got {every!r}")
 
+def _just_below(power):
+    "The largest float32 `b` with `b < x` exactly when `x ≥ 10**power`, for every float32 `x`."
+    edge = torch.tensor(10. ** power, dtype=torch.float64)
+    smallest = edge.float()                                   # the float32 nearest to 10**power ...
+    if smallest.double() < edge: smallest = torch.nextafter(smallest, torch.tensor(math.inf))   # ... or the one above it
+    return torch.nextafter(smallest, torch.tensor(0.)).item()
+
 # %% ../nbs/08_gradients.ipynb #ada1b73c
 class GradientStats(ActivationStats):
     "Records dL/d(output) of each hooked layer per training batch: mean, std, zero share and a histogram of log10|g|, on device."
@@ -37,10 +44,10 @@ class GradientStats(ActivationStats):
         if hist_sample is not None and hist_sample < 1: raise ValueError(f"GradientStats: hist_sample must be None or ≥ 1, got {hist_sample}")
         self.modules, self.every, self.bins, self.hist_range, self.hist_sample = modules, every, bins, (low, high), hist_sample
         width = (high - low) / bins
-        # the row's counts: exact zeros, then as in ActivationStats below the range, the bins, above it
-        self._n_counts = bins + 3
-        self._count_range, self._clamp = (low - 2 * width, high + width), (low - width / 2, high + width / 2)
-        self._zero_at = low - 1.5 * width
+        # the row's counts: exact zeros, then as in ActivationStats below the range, the bins, above it; last the NaNs
+        self._n_counts = bins + 4
+        # |g| goes to count k when k of these lie below it: 0, then 10**edge for each bin edge, then +inf
+        self._edges = [0.] + [_just_below(low + k * width) for k in range(bins + 1)] + [math.inf]
         self.stats = None
 
 # %% ../nbs/08_gradients.ipynb #7c60432c
@@ -53,7 +60,9 @@ def before_fit(self: GradientStats):
         raise ValueError("GradientStats: the model has no parameters that need gradients, so there is no backward pass to watch")
     super(GradientStats, self).before_fit()   # `@patch` has no zero-argument super()
     self._calls = [(0, 0)] * len(self._seen)   # per layer, this batch: values and sampled values over all calls
-    self._sample_steps = {}                     # number of values -> the histogram sample's step
+    self._sampling = {}                         # number of values -> the histogram sample's step, and that many ones
+    self._edge_tensor = torch.tensor(self._edges, device=self.stats.device)
+    self._grad_hooks = [partial(self._record_grad, layer) for layer in range(len(self._seen))]
 
 @patch
 def _record(self: GradientStats, hook, module, inputs, output):
@@ -61,49 +70,49 @@ def _record(self: GradientStats, hook, module, inputs, output):
     if not self._recording: return
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"GradientStats: {type(module).__name__} returned a {type(output).__name__}, not a tensor; watch a layer that returns one")
-    if output.requires_grad: output.register_hook(partial(self._record_grad, hook.layer))
+    if output.requires_grad: output.register_hook(self._grad_hooks[hook.layer])
 
 # %% ../nbs/08_gradients.ipynb #07003aeb
 @patch
 def _record_grad(self: GradientStats, layer, grad):
-    "The tensor hook: write (or, for a second call, add) this gradient's sums and counts into `layer`'s row."
+    "The tensor hook: write (or, for a second call, add) this gradient's sums into `layer`'s row, and count its sample."
     g = grad.detach().reshape(-1)
     if g.dtype != torch.float32: g = g.float()
-    step = self._sample_steps.get(g.numel())
-    if step is None: step = self._sample_steps[g.numel()] = 1 if self.hist_sample is None else sample_step(g.numel(), self.hist_sample)
-    magnitudes = g[::step].abs()
-    logs = torch.log10(magnitudes).clamp_(*self._clamp).masked_fill_(magnitudes == 0, self._zero_at)
+    sampling = self._sampling.get(g.numel())
+    if sampling is None:
+        step = 1 if self.hist_sample is None else sample_step(g.numel(), self.hist_sample)
+        sampling = self._sampling[g.numel()] = step, g.new_ones(len(range(0, g.numel(), step)))
+    step, ones = sampling
     total, squares, _, counts = self._views[layer]
     if not self._seen[layer]:
-        torch.sum(g, 0, out=total)
-        torch.dot(g, g, out=squares)
-        torch.histc(logs, self._n_counts, *self._count_range, out=counts)
+        torch.sum(g, 0, out=total); torch.dot(g, g, out=squares)
         self._calls[layer] = (0, 0)
-    else:
-        total.add_(g.sum()); squares.add_(torch.dot(g, g))
-        counts.add_(torch.histc(logs, self._n_counts, *self._count_range))
+    else: total.add_(g.sum()); squares.add_(torch.dot(g, g))
+    # one count per sampled |g|: exact zero, below the range, a bin, above it, or NaN (`after_batch` zeroes them)
+    counts.index_add_(0, torch.bucketize(g[::step].abs(), self._edge_tensor), ones)
     n, sampled = self._calls[layer]
-    self._calls[layer] = (n + g.numel(), sampled + len(magnitudes))
+    self._calls[layer] = (n + g.numel(), sampled + len(ones))
     self._seen[layer] = True
 
 # %% ../nbs/08_gradients.ipynb #b4d9358e
 @patch
 def after_batch(self: GradientStats):
-    "Set each layer's count and the sample's scale-up when they changed (host-side numbers), then store the row."
-    if self._recording:
-        for layer, calls in enumerate(self._calls):
-            if self._seen[layer] and self._sizes[layer] != calls:
-                self._sizes[layer] = calls
-                self._views[layer][2].fill_(calls[0])
-                self._scales[layer, 3:] = calls[0] / calls[1]
+    "Set each layer's count and the sample's scale-up when they changed (host-side numbers), store the row, zero the counts."
+    if not self._recording: return
+    for layer, calls in enumerate(self._calls):
+        if self._seen[layer] and self._sizes[layer] != calls:
+            self._sizes[layer] = calls
+            self._views[layer][2].fill_(calls[0])
+            self._scales[layer, 3:] = calls[0] / calls[1]
     ActivationStats.after_batch(self)
+    self._batch[:, 3:].zero_()
 
 # %% ../nbs/08_gradients.ipynb #007a2e8f
 @patch
 def _recorded(self: GradientStats):
     "Sums, sums of squares, numbers of values (float64) and counts (below, the bins, above) of the recorded batches, on the CPU."
     rec = self.stats[:, :self.n_recorded].cpu()
-    return rec[..., 0].double(), rec[..., 1].double(), rec[..., 2].double(), rec[..., 4:]
+    return rec[..., 0].double(), rec[..., 1].double(), rec[..., 2].double(), rec[..., 4:-1]
 
 @patch(as_prop=True)
 def zero_share(self: GradientStats) -> torch.Tensor:
@@ -152,8 +161,10 @@ class UpdateStats(Callback):
         self.names, self._leaves = [name for name, _ in named], [p for _, p in named]
         self._weights = [p.detach() for p in self._leaves]   # views of the same memory, outside autograd
         capacity = -(-learn.n_epochs * len(learn.dls.train) // self.every)
-        # rows per recorded batch: gradient norms, weight norms before the step, norms of the step
-        self.stats = torch.zeros(3, capacity, len(named), device=self._weights[0].device)
+        # per recorded batch, one block written by two ops: gradient norms and weight norms before the step, then
+        # norms of the step; `stats` shows it as kinds × recorded batches × parameters
+        self._rows = torch.zeros(capacity, 3, len(named), device=self._weights[0].device)
+        self.stats = self._rows.transpose(0, 1)
         self._before = [torch.empty_like(w) for w in self._weights]   # the weights before a recorded step
         self.n_recorded, self._recording, self._stage = 0, False, 0
 
@@ -172,9 +183,8 @@ def _norms_into(tensors, row):
 @patch
 def after_backward(self: UpdateStats):
     if not self._recording: return
-    row = self.n_recorded
-    _norms_into([g if (g := p.grad) is not None else p.new_zeros(()) for p in self._leaves], self.stats[0, row])
-    _norms_into(self._weights, self.stats[1, row])
+    grads = [g if (g := p.grad) is not None else p.new_zeros(()) for p in self._leaves]
+    _norms_into(grads + self._weights, self._rows[self.n_recorded, :2].view(-1))   # one call for both
     torch._foreach_copy_(self._before, self._weights)
     self._stage = 1
 
@@ -182,7 +192,7 @@ def after_backward(self: UpdateStats):
 def after_step(self: UpdateStats):
     if not self._recording or self._stage != 1: return
     torch._foreach_sub_(self._before, self._weights)   # before − after: the step, with its sign flipped
-    _norms_into(self._before, self.stats[2, self.n_recorded])
+    _norms_into(self._before, self._rows[self.n_recorded, 2])
     self._stage = 2
 
 # %% ../nbs/08_gradients.ipynb #a71a4a1f
