@@ -76,7 +76,8 @@ def _record(self: GradientStats, hook, module, inputs, output):
 @patch
 def _record_grad(self: GradientStats, layer, grad):
     "The tensor hook: write (or, for a second call, add) this gradient's sums into `layer`'s row, and count its sample."
-    g = grad.detach().reshape(-1)
+    g = grad.reshape(-1)
+    if g.requires_grad: g = g.detach()   # only under create_graph=True; an op saved on every call otherwise
     if g.dtype != torch.float32: g = g.float()
     sampling = self._sampling.get(g.numel())
     if sampling is None:
