@@ -208,9 +208,10 @@ def _start_nonfinite_check(self: Learner):
     self._nonfinite_flag = self._flag_host = self._flag_copied = None
     if self.nonfinite != 'raise' or not on_device: return
     self._nonfinite_flag = torch.tensor([-1., 0.], device=device)   # the first non-finite loss's batch (-1: none yet) and value
+    self._flag_host = torch.tensor([-1., 0.])                        # its last copy on the host
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if device.type == 'cuda' and not distributed:   # a copy on its way to the host, looked at once it has arrived
-        self._flag_host, self._flag_copied = torch.empty(2, pin_memory=True), torch.cuda.Event()
+    if device.type == 'cuda' and not distributed:   # copied after each batch, without waiting; looked at once it has arrived
+        self._flag_host, self._flag_copied = self._flag_host.pin_memory(), torch.cuda.Event()
 
 # %% ../nbs/03_learner.ipynb #nf-device-check
 Learner._nonfinite_flag = None
