@@ -198,6 +198,7 @@ def _all_batches(self: Learner, dl):
 
 # %% ../nbs/03_learner.ipynb #nf-device-start
 Learner.check_on_device = None   # None: check on the device unless the model is on the CPU; True/False forces it (tests)
+Learner._nonfinite_flag = None   # during a fit with the check on the device: the flag it writes
 
 @patch
 def _start_nonfinite_check(self: Learner):
@@ -214,8 +215,6 @@ def _start_nonfinite_check(self: Learner):
         self._flag_host, self._flag_copied = self._flag_host.pin_memory(), torch.cuda.Event()
 
 # %% ../nbs/03_learner.ipynb #nf-device-check
-Learner._nonfinite_flag = None
-
 @patch
 def _check_finite_on_device(self: Learner):
     "After `backward`: if the loss is not finite, zero every gradient and note the batch, all on the device."
@@ -232,6 +231,7 @@ def _check_finite_on_device(self: Learner):
         self._flag_host.copy_(flag, non_blocking=True)
         self._flag_copied.record()
 
+# %% ../nbs/03_learner.ipynb #nf-device-raise
 @patch
 def _raise_if_nonfinite(self: Learner, wait: bool = True): # False: only look at a copy that has reached the host
     "Raise `NonFiniteLossError` if the check on the device has seen a non-finite loss in this fit."
@@ -279,9 +279,7 @@ def fit(self: Learner, n_epochs: int, cbs=None,
                 with torch.no_grad():
                     if not self('before_validate'): self._all_batches(self.dls.valid)
                 self('after_epoch')
-        except CancelTrainException:
-            self('after_cancel_train')
-            self._raise_if_nonfinite()
+        except CancelTrainException: self('after_cancel_train'); self._raise_if_nonfinite()
     except BaseException as e:
         self._after_fit(e)
         raise
