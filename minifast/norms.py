@@ -258,7 +258,7 @@ def eval_inputs(self: RunningBatchNorm):
         self._eval_key = key
     return self._eval_inputs
 
-# %% ../nbs/07_batchnorm.ipynb #872ef6eb
+# %% ../nbs/07_batchnorm.ipynb #94382f68
 @patch
 def forward(self: RunningBatchNorm, x):
     if x.dim() != 4 or x.shape[1] != self.n_channels: _check_input(self, x, self.n_channels)
