@@ -342,9 +342,8 @@ class MetricsCallback(MetricsCallback):
         with torch.no_grad():
             values = [learn.loss.detach()] + [m(learn.pred, learn.yb) for m in self.metrics]
             batch = torch.stack([v if v.dtype == torch.float32 else v.float() for v in values])
-            # the weight as `alpha`, in the add itself: one small op per batch instead of a product and a sum
-            self._sums = torch.zeros_like(batch) if self._sums is None else self._sums
-            self._sums.add_(batch, alpha=n)
+            # the weight as the add's `alpha`: one small op per batch, not a product and a sum
+            self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
 
     def _averages(self, sums, count):
