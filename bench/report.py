@@ -108,6 +108,17 @@ def raw_tables(comparisons):
     return lines
 
 
+def amp_verdict(comparisons):
+    "Says plainly whether bfloat16 mixed precision was faster or slower than float32 on this machine."
+    rows = [c for c in comparisons if c['measure'] == 'amp']
+    if not rows: return []
+    said = '; '.join(f"at batch size {c['batch_size']} an epoch took {c['median']:.2f} times as long "
+                     f"({'slower' if c['median'] > 1 else 'faster'})" for c in _sorted(rows))
+    return ['', f"**Mixed precision on this machine ({rows[0].get('device', 'the CPU')}).** With `MixedPrecision(torch.bfloat16)`, {said} "
+            'than in float32. Mixed precision is meant for GPUs, where 16-bit matrix arithmetic is several times faster; '
+            '`make gpu-check` measures it there.']
+
+
 def layer_tables(comparisons):
     "The layers alone: microseconds per call of every arm, round by round."
     rows = [c for c in comparisons if c['measure'] == 'layer']
@@ -278,6 +289,7 @@ def write_markdown(results, path):
               'blank where the issue gives none. ![ratios](results.png)']
     if any(c['measure'] == 'grads' for c in comparisons):
         lines += ['', GRADS_CONTEXT]
+    lines += amp_verdict(comparisons)
     lines += ['', '### Raw seconds']
     lines += raw_tables(comparisons) + layer_tables(comparisons) + ['']
     lines += ddp_section(comparisons)

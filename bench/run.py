@@ -332,7 +332,9 @@ def measure_amp(data, sizes, rounds, log):
     "9. bfloat16 mixed precision (`MixedPrecision(torch.bfloat16)`) against float32, the same Learner.fit, on this device."
     from minifast.learner import MixedPrecision
     arms = lambda bs: {'float32': learner_arm(bs), 'MixedPrecision(bfloat16)': learner_arm(bs, extra_cbs=lambda: [MixedPrecision(torch.bfloat16)])}
-    return compare_at('amp', 'float32', arms, data, sizes, rounds, log)
+    rows = compare_at('amp', 'float32', arms, data, sizes, rounds, log)
+    for row in rows: row['device'] = str(DEVICE)
+    return rows
 
 
 # --- memory ---------------------------------------------------------------------------------------
