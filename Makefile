@@ -103,4 +103,4 @@ test: check-clean check-export nbtest pytest
 	@echo "make test: all checks passed"
 
 clean:
-	rm -rf _docs _proc _quick _full _full06 jupyter_execute site dist build .pytest_cache test-artifacts
+	rm -rf _docs _proc _quick _full _full03 _full06 jupyter_execute site dist build .pytest_cache test-artifacts

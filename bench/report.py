@@ -24,10 +24,12 @@ WHY_MISSED = {
         'one more pass over the activations plus per-channel ops, which no fused PyTorch kernel computes. '
         '`RunningBatchNorm(compiled=True)` meets this target (its row above). Profile: section 6, norms at batch size 512.',
     ('rbn', 'RunningBatchNorm', 2):
-        'At batch size 2 the layer is all overhead: the `autograd.Function` costs about 26 µs of Python in each of its '
-        'forward and backward passes and runs two dozen per-channel ops of 1 to 3 µs, where `nn.BatchNorm2d` runs one '
-        'fused kernel each way. Closing it needs a compiled kernel without per-call cost (a C++ extension). '
-        'Profile: section 6, norms at batch size 2.',
+        'At batch size 2 the layer is all overhead: the `autograd.Function` and a dozen per-channel ops of 1 to 3 µs each, '
+        'where `nn.BatchNorm2d` runs one fused kernel each way. Profile: section 6, norms at batch size 2; the layer alone: '
+        'the `layer` rows.',
+    ('layer', 'RunningBatchNorm, training step', 2):
+        'Our step runs three fused kernels (the batch statistics, eval-mode BatchNorm, the training-mode backward) where '
+        '`nn.BatchNorm2d` runs two, plus the `autograd.Function` and about ten per-channel ops of 1 to 3 µs each.',
     ('rbn', 'RunningBatchNorm(compiled=True)', 2):
         'Each call of a compiled function has a fixed cost, larger than what fusing saves on tiny tensors; '
         '`compiled=True` is for large batches, and the default is faster here.',
@@ -42,8 +44,9 @@ GRADS_CONTEXT = ('**The cost of looking inside the backward pass, in context.** 
 TITLES = {'loop': 'Learner.fit vs a hand-written loop', 'stats': 'ActivationStats on every GeneralRelu, every batch',
           'grads': 'GradientStats on every GeneralRelu, UpdateStats on every parameter, every batch',
           'norms': 'Norm layers vs nn.BatchNorm2d', 'rbn': 'RunningBatchNorm vs nn.BatchNorm2d',
-          'ddp': 'Data parallel: 2 processes vs 1'}
-ORDER = ('loop', 'stats', 'grads', 'norms', 'rbn', 'ddp')
+          'lesson': "RunningBatchNorm vs the 2019 lesson's", 'layer': 'The norm layers alone',
+          'amp': 'Mixed precision vs float32', 'ddp': 'Data parallel: 2 processes vs 1'}
+ORDER = ('loop', 'stats', 'grads', 'norms', 'rbn', 'lesson', 'layer', 'amp', 'ddp')
 
 
 def _peer(c, name):
@@ -71,14 +74,22 @@ def summary_table(comparisons):
         lines.append(f"| {c['arm']} / {c['reference']} | {c['batch_size']} | {c['batches']} | **{c['median']:.3f}** "
                      f"| {min(c['ratios']):.3f}–{max(c['ratios']):.3f} | {target} | {verdict} "
                      f"| {_peer(c, PEER_NAMES[0])} | {_peer(c, PEER_NAMES[1])} "
-                     f"| {statistics.median(c['seconds']):.2f} / {statistics.median(c['ref_seconds']):.2f} |")
+                     f"| {_seconds(c)} |")
     return lines
+
+
+def _seconds(c):
+    "The median seconds of both arms; for the layers alone, microseconds per call."
+    ours, ref = statistics.median(c['seconds']), statistics.median(c['ref_seconds'])
+    return f'{ours * 1e6:.1f} / {ref * 1e6:.1f} µs' if c.get('unit') == 'µs per call' else f'{ours:.2f} / {ref:.2f}'
 
 
 def raw_tables(comparisons):
     "One table per interleaved group: seconds per round for every arm, and the valid loss each reached."
     groups = {}
-    for c in comparisons: groups.setdefault((c['batch_size'], c['reference'], c['batches'], c['note']), []).append(c)
+    for c in comparisons:   # the rows against the lesson re-read rounds already shown; the layers have no losses
+        if c['measure'] in ('lesson', 'layer'): continue
+        groups.setdefault((c['batch_size'], c['reference'], c['batches'], c['note']), []).append(c)
     lines = []
     for (bs, reference, batches, _), cs in groups.items():
         arms = [reference] + [c['arm'] for c in cs]
@@ -94,6 +105,34 @@ def raw_tables(comparisons):
             loss_text = f'{loss[0]:.4f}' if max(loss) - min(loss) < 1e-6 else f'{min(loss):.4f}–{max(loss):.4f}'
             warmup_text = '' if warmup is None else f'{warmup:.2f}'
             lines.append(f'| {arm} | ' + ' | '.join(f'{s:.3f}' for s in secs) + f' | {warmup_text} | {loss_text} |')
+    return lines
+
+
+def amp_verdict(comparisons):
+    "Says plainly whether bfloat16 mixed precision was faster or slower than float32 on this machine."
+    rows = [c for c in comparisons if c['measure'] == 'amp']
+    if not rows: return []
+    said = '; '.join(f"at batch size {c['batch_size']} an epoch took {c['median']:.2f} times as long "
+                     f"({'slower' if c['median'] > 1 else 'faster'})" for c in _sorted(rows))
+    return ['', f"**Mixed precision on this machine ({rows[0].get('device', 'the CPU')}).** With `MixedPrecision(torch.bfloat16)`, {said} "
+            'than in float32. Mixed precision is meant for GPUs, where 16-bit matrix arithmetic is several times faster; '
+            '`make gpu-check` measures it there.']
+
+
+def layer_tables(comparisons):
+    "The layers alone: microseconds per call of every arm, round by round."
+    rows = [c for c in comparisons if c['measure'] == 'layer']
+    if not rows: return []
+    lines = ['', "**The norm layers alone** (the four norm layers of the CNN on inputs of their shapes, one call running each once; "
+             'eval mode under `no_grad`, a training step as forward and backward): microseconds per call, round by round:', '',
+             '| arm | batch size | ' + ' | '.join(f'round {r + 1}' for r in range(len(rows[0]['seconds']))) + ' |',
+             '|---|---:|' + '---:|' * len(rows[0]['seconds'])]
+    shown = set()
+    for c in rows:
+        for arm, secs in ((c['reference'], c['ref_seconds']), (c['arm'], c['seconds'])):
+            if (arm, c['batch_size']) in shown: continue
+            shown.add((arm, c['batch_size']))
+            lines.append(f"| {arm} | {c['batch_size']} | " + ' | '.join(f'{s * 1e6:.1f}' for s in secs) + ' |')
     return lines
 
 
@@ -237,15 +276,22 @@ def write_markdown(results, path):
              'from round to round (A, B then B, A), after one untimed warm-up on three batches. A figure is the **median over rounds '
              'of (arm seconds / reference seconds in the same round)**; the raw seconds are below.',
              '- The same initial weights and batches mean that arms doing the same arithmetic must reach the same validation loss: '
-             'the last column of each raw table checks it (hand loop vs Learner, with vs without ActivationStats).', '',
+             'the last column of each raw table checks it (hand loop vs Learner, with vs without ActivationStats).',
+             '- RunningBatchNorm at batch size 2 is also timed pass by pass: the training pass and the validation pass of the same '
+             'epochs, each against `nn.BatchNorm2d`\'s (rows "…: training pass", "…: validation pass"); the validation pass is as large as '
+             'the training pass. "RunningBatchNorm / course-v3 RunningBatchNorm" divides, round by round, our epoch by the 2019 '
+             "lesson's (`bench/lesson_rbn.py`) from the same interleaved rounds.",
+             '- The layers alone (measure `layer`): the four norm layers of the CNN on random inputs of their shapes, after 30 '
+             'training calls for statistics; rounds of a few thousand calls, interleaved and rotated as above.', '',
              '## Results', '']
     lines += summary_table(comparisons)
     lines += ['', 'The peers\' figures (course-v3 2019 code, miniai 2022) were measured on this machine on 2026-11-24 by the same method; '
               'blank where the issue gives none. ![ratios](results.png)']
     if any(c['measure'] == 'grads' for c in comparisons):
         lines += ['', GRADS_CONTEXT]
+    lines += amp_verdict(comparisons)
     lines += ['', '### Raw seconds']
-    lines += raw_tables(comparisons) + ['']
+    lines += raw_tables(comparisons) + layer_tables(comparisons) + ['']
     lines += ddp_section(comparisons)
     lines += memory_section(results['memory'])
     lines += profile_section(results['profiles'])

@@ -23,11 +23,12 @@ from minifast.data import DataLoader, load_fashion_mnist, normalize_to_train
 from minifast.foundations import set_seed
 from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, default_device, view_tfm
 from minifast.gradients import GradientStats, UpdateStats
-from minifast.learner import Learner
+from minifast.learner import Callback, Learner
 from minifast.losses import accuracy
 from minifast.norms import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RunningBatchNorm, get_norm_cnn
 
 import report
+from lesson_rbn import LessonRunningBatchNorm
 
 BENCH = Path(__file__).resolve().parent
 THREADS = 2
@@ -38,8 +39,8 @@ DEVICE = default_device()
 # Batches per epoch, per batch size: (training batches, validation batches); None is the whole set.
 # Validation batches are twice the training batch size, as `DataLoaders.from_tensors` makes them.
 SIZES = {
-    'full':  {512: (None, None), 32: (800, 80), 2: (1000, 100)},
-    'quick': {512: (8, 2), 32: (60, 10), 2: (100, 20)},
+    'full':  {512: (None, None), 32: (800, 80), 2: (1000, 500)},   # at batch size 2, validation as large as training
+    'quick': {512: (8, 2), 32: (60, 10), 2: (100, 50)},
 }
 ROUNDS = {'full': 7, 'quick': 5}
 MEMORY_FITS = {'full': 6, 'quick': 4}
@@ -55,12 +56,14 @@ NORMS = {
 
 # RunningBatchNorm training through torch.compile: measured next to the default, as the notebook's opt-in
 RBN_COMPILED = 'RunningBatchNorm(compiled=True)'
+# The 2019 lesson's RunningBatchNorm (bench/lesson_rbn.py): ours must never be slower than it
+LESSON_RBN = "course-v3 RunningBatchNorm"
 
 # Targets from the issue: (measure, arm, batch size) -> the most the median ratio may be.
-TARGETS = {('loop', 'Learner.fit', 512): 1.03, ('loop', 'Learner.fit', 32): 1.05,
+TARGETS = {('loop', 'Learner.fit', 512): 1.02, ('loop', 'Learner.fit', 32): 1.03,
            ('stats', 'with ActivationStats', 512): 1.10, ('stats', 'with ActivationStats', 32): 1.10,
-           ('rbn', 'RunningBatchNorm', 512): 1.05, ('rbn', 'RunningBatchNorm', 2): 1.15,
-           ('rbn', RBN_COMPILED, 512): 1.05, ('rbn', RBN_COMPILED, 2): 1.15,
+           ('rbn', 'RunningBatchNorm', 512): 1.05, ('rbn', 'RunningBatchNorm', 2): 1.25,
+           ('rbn', RBN_COMPILED, 512): 1.05,
            ('grads', 'with GradientStats', 512): 1.10, ('grads', 'with GradientStats', 32): 1.15,
            ('grads', 'with UpdateStats', 512): 1.05, ('grads', 'with UpdateStats', 32): 1.10}
 DDP_ARM, DDP_REFERENCE = '2 processes × 1 thread', '1 process × 2 threads'
@@ -68,6 +71,12 @@ TARGETS[('ddp', DDP_ARM, 512)] = 1.25   # at least 0.8 of the single process's s
 DDP_BATCHES = {'full': 96, 'quick': 4}   # training batches of 512 per epoch in the ddp measure
 for _norm in ('BatchNorm', 'LayerNorm', 'GroupNorm(4)', 'InstanceNorm'):
     for _bs in (512, 32): TARGETS[('norms', _norm, _bs)] = 1.10
+for _bs in (512, 32, 2): TARGETS[('lesson', 'RunningBatchNorm', _bs)] = 1.00   # never slower than the lesson's
+# The layers alone (measure 'layer'): RunningBatchNorm in eval mode no dearer than nn.BatchNorm2d's eval mode; a training
+# step (forward and backward) at batch size 2 at most twice nn.BatchNorm2d's
+RBN_EVAL, RBN_STEP = 'RunningBatchNorm, eval mode', 'RunningBatchNorm, training step'
+for _bs in (4, 64, 1024): TARGETS[('layer', RBN_EVAL, _bs)] = 1.00
+TARGETS[('layer', RBN_STEP, 2)] = 2.00
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -104,21 +113,31 @@ def fresh_model(norm=None):
     return get_norm_cnn(norm, nfs=NFS)
 
 
+class PhaseTimer(Callback):
+    "The seconds of the training pass and of the validation pass of the last epoch: two clock reads per pass."
+    _order = -100
+    def before_epoch(self): self.start = time.perf_counter()
+    def before_validate(self): self.train_s, self.start = time.perf_counter() - self.start, time.perf_counter()
+    def after_epoch(self): self.valid_s = time.perf_counter() - self.start
+
+
 def learner_arm(batch_size, norm=None, extra_cbs=list):
     "`Learner.fit(1)` with its default callbacks, plus what the CNN needs and `extra_cbs()`."
     def prepare(batches):
+        timer = PhaseTimer()
         learn = Learner(fresh_model(norm), batches, F.cross_entropy, lr=LR[batch_size], metrics=accuracy,
-                        cbs=[DeviceCallback(DEVICE), BatchTransformXCallback(view_tfm(1, 28, 28)), *extra_cbs()])
+                        cbs=[DeviceCallback(DEVICE), BatchTransformXCallback(view_tfm(1, 28, 28)), timer, *extra_cbs()])
         learn.metrics.printer = None  # the history is still kept; we only skip two print() calls
         def run():
             learn.fit(1)
-            return learn.metrics.history[-1]['valid_loss']
+            return learn.metrics.history[-1]['valid_loss'], (timer.train_s, timer.valid_s)
         return run
     return prepare
 
 
 def hand_written_epoch(model, opt, batches):
-    "A plain PyTorch epoch: the training loop, then validation loss and accuracy summed on the device."
+    "A plain PyTorch epoch: the training loop, then validation loss and accuracy summed on the device; (loss, pass seconds)."
+    start = time.perf_counter()
     model.train()
     for xb, yb in batches.train:
         xb, yb = xb.to(DEVICE, non_blocking=True), yb.to(DEVICE, non_blocking=True)
@@ -127,6 +146,7 @@ def hand_written_epoch(model, opt, batches):
         loss.backward()
         opt.step()
         opt.zero_grad()
+    train_s, start = time.perf_counter() - start, time.perf_counter()
     model.eval()
     with torch.no_grad():
         loss_sum, correct, count = torch.zeros((), device=DEVICE), torch.zeros((), device=DEVICE), 0
@@ -136,7 +156,8 @@ def hand_written_epoch(model, opt, batches):
             loss_sum += F.cross_entropy(pred, yb) * len(yb)
             correct += (pred.argmax(dim=1) == yb).float().sum()
             count += len(yb)
-    return (loss_sum / count).item()
+    loss = (loss_sum / count).item()
+    return loss, (train_s, time.perf_counter() - start)
 
 
 def loop_arm(batch_size):
@@ -155,43 +176,54 @@ def interleave(arms, batches, rounds, log):
     first_s = {}
     for name in names:  # untimed: first calls allocate, pick kernels and, for compiled arms, compile
         start = time.perf_counter(); arms[name](warm)(); first_s[name] = time.perf_counter() - start
-    seconds, losses = {n: [] for n in names}, {n: [] for n in names}
+    seconds, losses, phases = {n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             run = arms[name](batches)
             gc.collect()
             start = time.perf_counter()
-            loss = run()
+            loss, train_valid_s = run()
             seconds[name].append(time.perf_counter() - start)
             losses[name].append(loss)
+            phases[name].append(train_valid_s)
         log(f'    round {r + 1}/{rounds}: ' + ', '.join(f'{n} {seconds[n][-1]:.2f}s' for n in names))
-    return seconds, losses, first_s
+    return seconds, losses, first_s, phases
 
 
-def compare(measure, batch_size, arms, reference, batches, rounds, log, note=''):
-    "Interleave `arms` and turn the seconds into one comparison per arm against `reference`."
+def ratio_row(measure, arm, reference, batch_size, batches, seconds, ref_seconds, log, **extra):
+    "A comparison: the per-round ratios of `seconds` to `ref_seconds`, their median, and the target if there is one."
+    ratios = [a / b for a, b in zip(seconds, ref_seconds)]
+    row = dict(measure=measure, arm=arm, reference=reference, batch_size=batch_size, batches=batches, rounds=len(ratios),
+               ratios=ratios, median=statistics.median(ratios), seconds=seconds, ref_seconds=ref_seconds,
+               target=TARGETS.get((measure, arm, batch_size)), note='', **extra)
+    log(f'    -> {arm} / {reference}: median {row["median"]:.3f} (rounds {min(ratios):.3f}..{max(ratios):.3f})')
+    return row
+
+
+def compare(measure, batch_size, arms, reference, batches, rounds, log, passes=False):
+    "Interleave `arms` and turn the seconds into one comparison per arm against `reference` (and per pass if `passes`)."
     log(f'  {measure} at batch size {batch_size}: {", ".join(arms)} ({batches.describe()}, {rounds} rounds)')
-    seconds, losses, first_s = interleave(arms, batches, rounds, log)
+    seconds, losses, first_s, phases = interleave(arms, batches, rounds, log)
     rows = []
     for name in arms:
         if name == reference: continue
-        ratios = [a / b for a, b in zip(seconds[name], seconds[reference])]
-        rows.append(dict(measure=measure, arm=name, reference=reference, batch_size=batch_size,
-                         batches=batches.describe(), rounds=rounds, ratios=ratios,
-                         median=statistics.median(ratios), seconds=seconds[name], ref_seconds=seconds[reference],
-                         losses=losses[name], ref_losses=losses[reference], warmup_s=first_s[name], ref_warmup_s=first_s[reference],
-                         target=TARGETS.get((measure, name, batch_size)), note=note))
-        log(f'    -> {name} / {reference}: median {rows[-1]["median"]:.3f} '
-            f'(rounds {min(ratios):.3f}..{max(ratios):.3f})')
+        rows.append(ratio_row(measure, name, reference, batch_size, batches.describe(), seconds[name], seconds[reference], log,
+                              losses=losses[name], ref_losses=losses[reference], warmup_s=first_s[name],
+                              ref_warmup_s=first_s[reference], phases=phases[name], ref_phases=phases[reference]))
+        if passes:
+            for i, what in enumerate(('training pass', 'validation pass')):
+                rows.append(ratio_row(measure, f'{name}: {what}', f'{reference}: {what}', batch_size, batches.describe(),
+                                      [p[i] for p in phases[name]], [p[i] for p in phases[reference]], log,
+                                      losses=losses[name], ref_losses=losses[reference], pass_of=name))
     return rows
 
 
-def compare_at(measure, reference, make_arms, data, sizes, rounds, log, batch_sizes=(512, 32)):
+def compare_at(measure, reference, make_arms, data, sizes, rounds, log, batch_sizes=(512, 32), passes=False):
     "`compare` the arms `make_arms(batch_size)` against `reference` at each of `batch_sizes`."
     rows = []
     for bs in batch_sizes:
-        rows += compare(measure, bs, make_arms(bs), reference, make_batches(data, bs, *sizes[bs]), rounds, log)
+        rows += compare(measure, bs, make_arms(bs), reference, make_batches(data, bs, *sizes[bs]), rounds, log, passes)
     return rows
 
 
@@ -219,16 +251,90 @@ def measure_grads(data, sizes, rounds, log):
     return compare_at('grads', 'without', arms, data, sizes, rounds, log)
 
 
+def against_lesson(rows, log):
+    "From the same rounds: RunningBatchNorm's epoch against the 2019 lesson's, per batch size."
+    out = []
+    for bs in sorted({r['batch_size'] for r in rows}, reverse=True):
+        ours = next(r for r in rows if r['arm'] == 'RunningBatchNorm' and r['batch_size'] == bs)
+        lesson = next(r for r in rows if r['arm'] == LESSON_RBN and r['batch_size'] == bs)
+        out.append(ratio_row('lesson', 'RunningBatchNorm', LESSON_RBN, bs, ours['batches'], ours['seconds'], lesson['seconds'],
+                             log, losses=ours['losses'], ref_losses=lesson['losses']))
+    return out
+
+
 def measure_norms(data, sizes, rounds, log):
-    "3 and 4. Each norm layer, and RunningBatchNorm (as it is and compiled), against nn.BatchNorm2d in the same CNN."
-    norms = {**NORMS, RBN_COMPILED: partial(RunningBatchNorm, compiled=True)}
+    """3 and 4. Each norm layer, RunningBatchNorm (as it is and compiled) and the lesson's RunningBatchNorm against
+    nn.BatchNorm2d in the same CNN; at batch size 2 with the training and validation passes apart."""
+    norms = {**NORMS, RBN_COMPILED: partial(RunningBatchNorm, compiled=True), LESSON_RBN: LessonRunningBatchNorm}
     rows = compare_at('norms', 'nn.BatchNorm2d', lambda bs: {name: learner_arm(bs, norm) for name, norm in norms.items()},
                       data, sizes, rounds, log)
     for row in rows:
-        if row['arm'].startswith('RunningBatchNorm'):
+        if row['arm'].startswith('RunningBatchNorm') or row['arm'] == LESSON_RBN:
             row['measure'], row['target'] = 'rbn', TARGETS.get(('rbn', row['arm'], row['batch_size']))
-    rbn_arms = lambda bs: {name: learner_arm(bs, norms[name]) for name in ('nn.BatchNorm2d', 'RunningBatchNorm', RBN_COMPILED)}
-    return rows + compare_at('rbn', 'nn.BatchNorm2d', rbn_arms, data, sizes, rounds, log, batch_sizes=(2,))
+    rbn_arms = lambda bs: {name: learner_arm(bs, norms[name]) for name in ('nn.BatchNorm2d', 'RunningBatchNorm', RBN_COMPILED, LESSON_RBN)}
+    rows += compare_at('rbn', 'nn.BatchNorm2d', rbn_arms, data, sizes, rounds, log, batch_sizes=(2,), passes=True)
+    return rows + against_lesson([r for r in rows if 'pass_of' not in r], log)
+
+
+# --- the layers alone -----------------------------------------------------------------------------
+LAYER_SHAPES = [(8, 14, 14), (16, 7, 7), (32, 4, 4), (32, 2, 2)]   # what the bench CNN's four norm layers see
+
+
+def layer_arm(norm, batch_size, train):
+    "The four norm layers of the bench CNN on inputs of their shapes: one call runs each once (eval: under no_grad)."
+    set_seed(0)
+    layers = [norm(c) for c, _, _ in LAYER_SHAPES]
+    inputs = [torch.randn(batch_size, *shape) * 2 + 1 for shape in LAYER_SHAPES]
+    for layer, x in zip(layers, inputs):                 # statistics first, as after some training
+        for _ in range(30): layer(x)
+    if train:
+        inputs = [x.requires_grad_() for x in inputs]
+        grads = [torch.randn_like(x) for x in inputs]   # a contiguous gradient, as the next layer's backward gives
+        def call():
+            for layer, x, g in zip(layers, inputs, grads): layer(x).backward(g)
+    else:
+        for layer in layers: layer.eval()
+        def call():
+            with torch.no_grad():
+                for layer, x in zip(layers, inputs): layer(x)
+    return call
+
+
+def measure_layer(mode, rounds, log):
+    """8. The norm layers alone, interleaved: RunningBatchNorm and the lesson's against nn.BatchNorm2d, in eval mode at batch
+    sizes 4, 64 and 1024, and one training step (forward and backward) at batch size 2. Seconds per call, per round."""
+    arms = {'nn.BatchNorm2d': nn.BatchNorm2d, 'RunningBatchNorm': RunningBatchNorm, LESSON_RBN: LessonRunningBatchNorm}
+    quick = mode == 'quick'
+    plans = [(RBN_EVAL, 'eval mode', bs, False, n) for bs, n in ((4, 2000), (64, 1000), (1024, 60))] + [(RBN_STEP, 'training step', 2, True, 2000)]
+    rows = []
+    for arm_name, what, bs, train, n_calls in plans:
+        n_calls = max(n_calls // 20, 5) if quick else n_calls
+        calls = {name: layer_arm(norm, bs, train) for name, norm in arms.items()}
+        described = f'4 layers, {n_calls:,} calls a round'
+        log(f'  layer, {what} at batch size {bs}: {", ".join(arms)} ({described}, {rounds} rounds)')
+        seconds = {name: [] for name in arms}
+        names = list(arms)
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                call = calls[name]
+                start = time.perf_counter()
+                for _ in range(n_calls): call()
+                seconds[name].append((time.perf_counter() - start) / n_calls)
+        ref = seconds['nn.BatchNorm2d']
+        rows.append(ratio_row('layer', arm_name, f'nn.BatchNorm2d, {what}', bs, described, seconds['RunningBatchNorm'], ref, log, unit='µs per call'))
+        rows.append(ratio_row('layer', f'{LESSON_RBN}, {what}', f'nn.BatchNorm2d, {what}', bs, described, seconds[LESSON_RBN], ref, log, unit='µs per call'))
+    return rows
+
+
+# --- mixed precision ------------------------------------------------------------------------------
+def measure_amp(data, sizes, rounds, log):
+    "9. bfloat16 mixed precision (`MixedPrecision(torch.bfloat16)`) against float32, the same Learner.fit, on this device."
+    from minifast.learner import MixedPrecision
+    arms = lambda bs: {'float32': learner_arm(bs), 'MixedPrecision(bfloat16)': learner_arm(bs, extra_cbs=lambda: [MixedPrecision(torch.bfloat16)])}
+    rows = compare_at('amp', 'float32', arms, data, sizes, rounds, log)
+    for row in rows: row['device'] = str(DEVICE)
+    return rows
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -402,7 +508,7 @@ def load_average():
 
 
 # --- main -----------------------------------------------------------------------------------------
-MEASURES = ('loop', 'stats', 'grads', 'norms', 'memory', 'profile', 'ddp')
+MEASURES = ('loop', 'stats', 'grads', 'norms', 'layer', 'amp', 'memory', 'profile', 'ddp')
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -410,7 +516,7 @@ def parse_args(argv=None):
     p.add_argument('--rounds', type=int, help=f"rounds per comparison (default {ROUNDS['full']}, quick {ROUNDS['quick']}; at least 5 for a figure)")
     p.add_argument('--only', help=f"comma-separated subset of {','.join(MEASURES)}")
     p.add_argument('--bs32-batches', type=int, help='training batches per epoch at batch size 32 (validation: a tenth as many, of 64 images)')
-    p.add_argument('--bs2-images', type=int, help='training images per epoch at batch size 2 (validation: a fifth as many)')
+    p.add_argument('--bs2-images', type=int, help='training images per epoch at batch size 2 (validation: as many, in batches of 4)')
     p.add_argument('--out', type=Path, help='folder for RESULTS.md, results.png and results.json')
     p.add_argument('--traces', action='store_true', help='also save each profile as a Chrome trace (tens of MB) under bench/out/traces')
     return p.parse_args(argv)
@@ -421,7 +527,7 @@ def main(argv=None):
     mode = 'quick' if args.quick else 'full'
     sizes = dict(SIZES[mode])
     if args.bs32_batches: sizes[32] = (args.bs32_batches, max(1, args.bs32_batches // 10))
-    if args.bs2_images: sizes[2] = (args.bs2_images // 2, max(1, args.bs2_images // 20))
+    if args.bs2_images: sizes[2] = (args.bs2_images // 2, max(1, args.bs2_images // 4))
     rounds = args.rounds or ROUNDS[mode]
     only = MEASURES if args.only is None else tuple(m.strip() for m in args.only.split(','))
     if unknown := set(only) - set(MEASURES): sys.exit(f'--only: unknown measures {sorted(unknown)}; choose from {MEASURES}')
@@ -446,6 +552,8 @@ def main(argv=None):
     if 'stats' in only: comparisons += measure_stats(data, sizes, rounds, log)
     if 'grads' in only: comparisons += measure_grads(data, sizes, rounds, log)
     if 'norms' in only: comparisons += measure_norms(data, sizes, rounds, log)
+    if 'layer' in only: comparisons += measure_layer(mode, rounds, log)
+    if 'amp' in only: comparisons += measure_amp(data, sizes, rounds, log)
     if 'memory' in only: memory = measure_memory(data, sizes, MEMORY_FITS[mode], log)
     if 'profile' in only: profiles = measure_profiles(data, sizes, log, BENCH / 'out' / 'traces' if args.traces else None)
     if 'ddp' in only: comparisons += measure_ddp(data, mode, rounds, log)

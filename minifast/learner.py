@@ -9,7 +9,7 @@ __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'CancelTrainException', 'CancelEpochE
            'NonFiniteLossError', 'Callback', 'Learner', 'snapshot_state', 'restore_state', 'TrainEvalCallback',
            'MetricsCallback', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback', 'CheckpointError',
            'read_checkpoint', 'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states', 'set_rng_states',
-           'has_state', 'SaveCheckpoint']
+           'has_state', 'SaveCheckpoint', 'MixedPrecision']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
 import copy, math, os, pickle, random, re, sys, tempfile, warnings
@@ -27,7 +27,7 @@ class CancelEpochException(Exception): "Raise in a callback to end the current t
 class CancelBatchException(Exception): "Raise in a callback to skip the rest of the current batch."
 
 class NonFiniteLossError(FloatingPointError):
-    "The training loss was NaN or infinite; the step was not taken, so the weights are unchanged."
+    "The training loss was NaN or infinite; no non-finite value reached the weights."
 
 EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_loss', 'after_backward',
           'after_step', 'after_batch', 'before_validate', 'after_epoch', 'after_fit',
@@ -140,6 +140,7 @@ def restore_state(snapshot: tuple): # what `snapshot_state` returned
 
 # %% ../nbs/03_learner.ipynb #a89b6c2d
 Learner._resume_mid_epoch = None   # a checkpoint taken mid-epoch, until its epoch starts (see "Resuming a fit")
+Learner.grad_scaler = None         # a `torch.amp.GradScaler` while `MixedPrecision(torch.float16)` trains (end of this notebook)
 
 @patch
 def _one_batch(self: Learner, xb, yb):
@@ -155,15 +156,24 @@ def _one_batch(self: Learner, xb, yb):
                        f"and targets of shape {tuple(self.yb.shape)}")
             raise
         self('after_loss')
-        if self.in_train:
-            if self.nonfinite != 'ignore': self._check_finite()
-            self.loss.backward()
-            self('after_backward')
-            self.opt.step()
-            self('after_step')
-            self.opt.zero_grad()
+        if self.in_train: self._step()
     except CancelBatchException: self('after_cancel_batch')
     self('after_batch')
+
+# %% ../nbs/03_learner.ipynb #nf-step
+@patch
+def _step(self: Learner):
+    on_device = self._nonfinite_flag is not None          # the check on the device (below) is on for this fit
+    if self.nonfinite != 'ignore' and not on_device: self._check_finite()
+    scaler = self.grad_scaler
+    (self.loss if scaler is None else scaler.scale(self.loss)).backward()
+    if scaler is not None: scaler.unscale_(self.opt)      # the true gradients, for the callbacks and the step
+    if on_device: self._check_finite_on_device()
+    self('after_backward')
+    if scaler is None: self.opt.step()
+    else: scaler.step(self.opt); scaler.update()          # the scaler skips a step whose gradients are inf or NaN
+    self('after_step')
+    self.opt.zero_grad()
 
 # %% ../nbs/03_learner.ipynb #67b55821
 @patch
@@ -184,6 +194,55 @@ def _all_batches(self: Learner, dl):
         resuming = self._resume_mid_epoch is not None and self.in_train
         for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
     except CancelEpochException: self('after_cancel_epoch')
+    if self.in_train: self._raise_if_nonfinite()   # the check on the device, read once per epoch
+
+# %% ../nbs/03_learner.ipynb #nf-device-start
+Learner.check_on_device = None   # None: check on the device unless the model is on the CPU; True/False forces it (tests)
+Learner._nonfinite_flag = None   # during a fit with the check on the device: the flag it writes
+
+@patch
+def _start_nonfinite_check(self: Learner):
+    "At the start of a fit: where the non-finite check runs, and, on the device, a fresh flag."
+    param = next(self.model.parameters(), None)
+    device = torch.device('cpu') if param is None else param.device
+    on_device = device.type != 'cpu' if self.check_on_device is None else self.check_on_device
+    self._nonfinite_flag = self._flag_host = self._flag_copied = None
+    if self.nonfinite != 'raise' or not on_device: return
+    self._nonfinite_flag = torch.tensor([-1., 0.], device=device)   # the first non-finite loss's batch (-1: none yet) and value
+    self._flag_host = torch.tensor([-1., 0.])                        # its last copy on the host
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if device.type == 'cuda' and not distributed:   # copied after each batch, without waiting; looked at once it has arrived
+        self._flag_host, self._flag_copied = self._flag_host.pin_memory(), torch.cuda.Event()
+
+# %% ../nbs/03_learner.ipynb #nf-device-check
+@patch
+def _check_finite_on_device(self: Learner):
+    "After `backward`: if the loss is not finite, zero every gradient and note the batch, all on the device."
+    self._raise_if_nonfinite(wait=False)             # what an earlier batch found, if its copy has arrived
+    loss = self.loss.detach().float()
+    bad = ~torch.isfinite(loss)
+    for group in self.opt.param_groups:
+        for p in group['params']:
+            if p.grad is not None: p.grad.masked_fill_(bad, 0.)
+    flag = self._nonfinite_flag
+    first = bad & (flag[0] < 0)
+    flag.copy_(torch.where(first, torch.stack([torch.full_like(loss, self.iter), loss]), flag))
+    if self._flag_copied is not None:
+        self._flag_host.copy_(flag, non_blocking=True)
+        self._flag_copied.record()
+
+# %% ../nbs/03_learner.ipynb #nf-device-raise
+@patch
+def _raise_if_nonfinite(self: Learner, wait: bool = True): # False: only look at a copy that has reached the host
+    "Raise `NonFiniteLossError` if the check on the device has seen a non-finite loss in this fit."
+    if self._nonfinite_flag is None: return
+    if wait: batch, loss = self._nonfinite_flag.tolist()            # waits for the device: once per epoch
+    elif self._flag_copied is not None and self._flag_copied.query(): batch, loss = self._flag_host.tolist()
+    else: return
+    if batch < 0: return
+    raise NonFiniteLossError(f"the training loss is {loss} at epoch {self.epoch}, batch {int(batch)}; checked on the device and read "
+                             f"at batch {self.iter}: the steps since were taken with zero gradients wherever the loss was not finite, "
+                             "so no weight is NaN or infinite. Lower the learning rate, or pass nonfinite='skip'.")
 
 # %% ../nbs/03_learner.ipynb #47d791a0
 @patch
@@ -213,13 +272,14 @@ def fit(self: Learner, n_epochs: int, cbs=None,
     try:
         try:
             self('before_fit')
+            self._start_nonfinite_check()   # after before_fit, which may move the model to its device
             first_epoch = 0 if checkpoint is None else self._resume_fit(checkpoint)
             for self.epoch in range(first_epoch, n_epochs):
                 if not self('before_epoch'): self._all_batches(self.dls.train)
                 with torch.no_grad():
                     if not self('before_validate'): self._all_batches(self.dls.valid)
                 self('after_epoch')
-        except CancelTrainException: self('after_cancel_train')
+        except CancelTrainException: self('after_cancel_train'); self._raise_if_nonfinite()
     except BaseException as e:
         self._after_fit(e)
         raise
@@ -281,8 +341,9 @@ class MetricsCallback(MetricsCallback):
         n = len(learn.yb)
         with torch.no_grad():
             values = [learn.loss.detach()] + [m(learn.pred, learn.yb) for m in self.metrics]
-            batch = torch.stack([v.float() for v in values]) * n
-        self._sums = batch if self._sums is None else self._sums.add_(batch)
+            batch = torch.stack([v if v.dtype == torch.float32 else v.float() for v in values])
+            # the weight as the add's `alpha`: one small op per batch, not a product and a sum
+            self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
 
     def _averages(self, sums, count):
@@ -636,12 +697,12 @@ class Learner(Learner):
 # %% ../nbs/03_learner.ipynb #ckpt-resume-restore
 class Learner(Learner):
     def _restore(self, ckpt, rng: dict):
-        "Put back the model, the optimiser, every callback's state, the skipped-batch count and the generators (`rng`)."
+        "Put back every callback's state, the model, the optimiser, the skipped-batch count and the generators (`rng`)."
+        device = next(self.model.parameters()).device
+        for cb in self.cbs:   # first: a callback that refuses its state (`MixedPrecision` in another dtype) leaves the model as it was
+            if has_state(cb): cb.load_state_dict(_to_device(ckpt['fit']['callbacks'][cb.name], device))
         self.model.load_state_dict(ckpt['model'])
         self.opt.load_state_dict(ckpt['opt'])
-        device = next(self.model.parameters()).device
-        for cb in self.cbs:
-            if has_state(cb): cb.load_state_dict(_to_device(ckpt['fit']['callbacks'][cb.name], device))
         self.n_skipped_batches = ckpt['fit']['n_skipped_batches']
         set_rng_states(rng, self.dls)
 
@@ -661,3 +722,59 @@ class Learner(Learner):
         for _ in range(fit['batch']): next(batches)   # the same order, drawn from the same generators; these batches were done
         set_rng_states(fit['rng'], self.dls)
         return enumerate(batches, fit['batch'])
+
+# %% ../nbs/03_learner.ipynb #mp-class
+class MixedPrecision(Callback):
+    "Runs the forward pass and the loss under `torch.autocast` in `dtype`; in float16 a `GradScaler` scales the loss."
+    _order = -4   # after `DeviceCallback` (-5), which moves the model in `before_fit`
+    def __init__(self, dtype: torch.dtype = torch.bfloat16): # `torch.bfloat16`, or `torch.float16` (with loss scaling)
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"MixedPrecision: dtype must be torch.bfloat16 or torch.float16, got {dtype!r}")
+        self.dtype, self.device_type, self._autocast = dtype, 'cpu', None
+        # float16's loss scale outlives a fit, as the optimiser's state does: made for the CPU, remade for the model's device
+        self.scaler = torch.amp.GradScaler('cpu') if dtype == torch.float16 else None
+
+    def before_fit(self):
+        param = next(self.learn.model.parameters(), None)
+        device_type = 'cpu' if param is None else param.device.type
+        if self.scaler is not None and device_type != self.device_type:
+            state, self.scaler = self.scaler.state_dict(), torch.amp.GradScaler(device_type)
+            self.scaler.load_state_dict(state)
+        self.device_type = device_type
+        self.learn.grad_scaler = self.scaler
+
+# %% ../nbs/03_learner.ipynb #mp-autocast
+@patch
+def before_batch(self: MixedPrecision):
+    self._autocast = torch.autocast(self.device_type, dtype=self.dtype)
+    self._autocast.__enter__()
+
+@patch
+def _leave_autocast(self: MixedPrecision):
+    "Leave autocast if this callback is in it: after the loss, or when a cancel or an error ended the batch early."
+    entered, self._autocast = self._autocast, None
+    if entered is not None: entered.__exit__(None, None, None)
+
+MixedPrecision.after_loss = MixedPrecision.after_cancel_batch = MixedPrecision._leave_autocast
+MixedPrecision.after_cancel_epoch = MixedPrecision.after_cancel_train = MixedPrecision._leave_autocast
+
+@patch
+def after_fit(self: MixedPrecision):
+    self._leave_autocast()
+    if self.learn.grad_scaler is self.scaler: self.learn.grad_scaler = None
+
+# %% ../nbs/03_learner.ipynb #mp-state
+def _dtype_name(dtype: torch.dtype) -> str: return str(dtype).removeprefix('torch.')
+
+@patch
+def state_dict(self: MixedPrecision) -> dict:
+    "The dtype's name and, in float16, the scaler's state (plain numbers)."
+    return {'dtype': _dtype_name(self.dtype), 'scaler': {} if self.scaler is None else self.scaler.state_dict()}
+
+@patch
+def load_state_dict(self: MixedPrecision, state: dict):
+    "Put back the scaler's state; refuse a checkpoint trained in another dtype."
+    if state['dtype'] != _dtype_name(self.dtype):
+        raise CheckpointError(f"MixedPrecision: the checkpoint was trained in {state['dtype']}, this callback trains in "
+                              f"{_dtype_name(self.dtype)}; resume with MixedPrecision(torch.{state['dtype']})")
+    if self.scaler is not None: self.scaler.load_state_dict(state['scaler'])

@@ -10,7 +10,7 @@ __all__ = ['LRFinder', 'LRFindResult', 'suggest_lr', 'lr_find', 'EarlyStoppingCa
 # %% ../nbs/05_lr_finder.ipynb #5802fa0b
 import copy, math
 import matplotlib.pyplot as plt
-from .learner import Callback, CancelTrainException, MetricsCallback
+from .learner import Callback, CancelTrainException, MetricsCallback, MixedPrecision
 
 # %% ../nbs/05_lr_finder.ipynb #17e448ea
 class LRFinder(Callback):
@@ -82,9 +82,10 @@ def suggest_lr(lrs, losses, beta: float = 0.98, skip_start: int = 10):
 
 # %% ../nbs/05_lr_finder.ipynb #c995b780
 def lr_find(learn, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 100, stop_factor: float = 10.) -> LRFindResult:
-    "Run an `LRFinder` on `learn`, then restore its model and optimiser exactly as they were."
+    "Run an `LRFinder` on `learn`, then restore its model, its optimiser and its loss scale exactly as they were."
     model_state = copy.deepcopy(learn.model.state_dict())
     opt_state = copy.deepcopy(learn.opt.state_dict())
+    scales = [(cb, cb.state_dict()) for cb in learn.cbs if isinstance(cb, MixedPrecision)]   # float16's loss scale
     was_training = learn.model.training
     finder = LRFinder(min_lr, max_lr, max_iter, stop_factor)
     n_epochs = math.ceil(max_iter / len(learn.dls.train))
@@ -95,6 +96,7 @@ def lr_find(learn, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 10
     finally:
         learn.model.load_state_dict(model_state)
         learn.opt.load_state_dict(opt_state)
+        for cb, state in scales: cb.load_state_dict(state)
         learn.model.train(was_training)
         learn.add_cbs(hidden)
     return LRFindResult(finder.lrs[:len(finder.losses)], finder.losses, finder.stopped_early)

@@ -149,38 +149,47 @@ def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, he
     factor, offset = factor_and_offset(*running_moments(new, count), mults, adds, min_var, eps)
     return x * factor + offset
 
-# %% ../nbs/07_batchnorm.ipynb #a11df501
+# %% ../nbs/07_batchnorm.ipynb #94360544
+_ZERO, _ONE = torch.zeros(()), torch.ones(())
+
+def _times(t: torch.Tensor, s: float) -> torch.Tensor:
+    "`t · s` for a Python number `s`, given as `alpha`: PyTorch would first copy `s` into a tensor, which costs more than the product on a tiny tensor."
+    return torch.add(_ZERO, t, alpha=s)
+
+_bn_backward = torch.ops.aten.native_batch_norm_backward.default
+
+# %% ../nbs/07_batchnorm.ipynb #76d5c7bf
 class RunningBatchNormStep(torch.autograd.Function):
-    "One training step of `RunningBatchNorm`, with a backward pass written out so that it costs what BatchNorm's does."
+    "A training step of `RunningBatchNorm` after the warm-up, with a backward pass written out so that it costs little more than BatchNorm's."
     @staticmethod
     def forward(ctx, x, mults, adds, running, mom1: float, count: float, min_var: float, eps: float):
         "Fold the batch into `running` (sums and sums of squares, in place), then normalise `x` with the running statistics."
         n = x.numel() // x.shape[1]
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
-        running.mul_(1 - mom1).add_(torch.stack([mean, torch.addcmul(var, mean, mean)]), alpha=mom1 * n)
-        means, varns = running_moments(running.float(), count)
-        unclamped = varns >= min_var
-        varns = varns.clamp_min_(min_var)
-        ctx.save_for_backward(x, mults, means, varns, unclamped)
-        ctx.k, ctx.eps = mom1 / count, eps   # d(means)/dx = k and d(E[x²])/dx = 2·k·x, for every x of a channel
+        batch = torch.stack([mean, torch.addcmul(var, mean, mean)])     # ... and E[x²]
+        running.add_(running, alpha=-mom1).add_(batch, alpha=mom1 * n)  # (1 − mom1)·running + mom1·n·batch
+        means, squares = _times(running.float(), 1 / count)
+        varns_eps = torch.addcmul(squares, means, means, value=-1).clamp_min_(min_var).add_(_ONE, alpha=eps)
+        weight = mults.view(-1)
+        ctx.save_for_backward(x, weight, means, varns_eps)
+        ctx.share = mom1 * n / count    # this batch's weight in the running statistics
         # (x − means) / √(varns + eps) · mults + adds: BatchNorm in eval mode with these statistics, one fused pass
-        return F.batch_norm(x, means, varns, mults.view(-1), adds.view(-1), False, 0., eps)
+        return torch.batch_norm(x, weight, adds.view(-1), means, varns_eps, False, 0., 0., torch.backends.cudnn.enabled)
 
+# %% ../nbs/07_batchnorm.ipynb #ac67c182
+class RunningBatchNormStep(RunningBatchNormStep):
+    "The backward pass of `RunningBatchNormStep`: BatchNorm's training-mode backward kernel, given this batch's share."
     @staticmethod
     def backward(ctx, grad):
-        x, mults, means, varns, unclamped = ctx.saved_tensors
-        # As if the statistics were constants: BatchNorm's eval-mode backward, one fused kernel, gives
-        # grad·mults/√(varns+eps) for x, Σ grad·(x − means)/√(varns+eps) for mults, and Σ grad for adds.
-        grad_x, grad_mults, grad_adds = torch.ops.aten.native_batch_norm_backward(
-            grad, x, mults.view(-1), means, varns, None, None, False, ctx.eps, [True, True, True])
-        # This batch's share of the statistics depends on x too: per channel it adds b + c·x to the gradient, with
-        # c = 2k·∂L/∂varns = −k·mults·grad_mults/(varns+eps) and b = k·∂L/∂means − c·means = −k·mults·grad_adds/√(varns+eps) − c·means
-        inv_std = torch.rsqrt(varns + ctx.eps)
-        scaled = mults.view(-1) * inv_std
-        c = (scaled * inv_std).mul_(grad_mults).mul_(unclamped).mul_(-ctx.k)
-        b = torch.addcmul(c * means, scaled, grad_adds, value=ctx.k).neg_()
-        grad_x = grad_x.addcmul_(x, c.view(-1, 1, 1)).add_(b.view(-1, 1, 1))
-        return grad_x, grad_mults.view_as(mults), grad_adds.view_as(mults), None, None, None, None, None
+        x, weight, means, varns_eps = ctx.saved_tensors
+        inv_std, share = torch.rsqrt(varns_eps), ctx.share
+        # BatchNorm's training-mode backward, told that the batch's statistics are `means` and `varns`, returns T, the
+        # gradient if they were this batch's own; ours is share·T + (1 − share)·g·mults·inv_std (see Under the hood).
+        # Given share·mults as the weight it returns share·T, and the parameters' gradients, which do not depend on it.
+        grad_x, grad_mults, grad_adds = _bn_backward(grad, x, _times(weight, share), None, None, means, inv_std, True,
+                                                     0., [True, True, True])
+        grad_x.addcmul_(grad, torch.addcmul(_ZERO, weight, inv_std, value=1 - share).view(-1, 1, 1))
+        return grad_x, grad_mults.view(-1, 1, 1), grad_adds.view(-1, 1, 1), None, None, None, None, None
 
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
@@ -198,6 +207,7 @@ class RunningBatchNorm(nn.Module):
         # The count and the step counters depend only on batch sizes: Python numbers, so that they cost
         # no device op and no sync; saved with the model through `get_extra_state`.
         self.count, self.n_batches, self.n_items = 0., 0, 0
+        self._eval_key = None   # what `eval_inputs` computed eval mode's inputs from
 
     @property
     def sums(self) -> torch.Tensor: "Running sums, per channel."; return self.running[0].view(-1, 1, 1)
@@ -232,20 +242,40 @@ def count_batch(self: RunningBatchNorm, batch_size: int, items_per_channel: int)
 # %% ../nbs/07_batchnorm.ipynb #3beaad02
 @patch
 def factor_offset(self: RunningBatchNorm):
-    "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5), as used in eval mode."
+    "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5): eval mode is `x * factor + offset`."
     return factor_and_offset(*running_moments(self.running, self.count), self.mults, self.adds, self.min_var, self.eps)
 
+def _note(t: torch.Tensor) -> tuple:
+    "Which tensor `t` is, where its data lives and how often it has been changed in place: Python numbers, no device read."
+    return id(t), t.data_ptr(), t._version
+
+@patch
+def eval_inputs(self: RunningBatchNorm):
+    "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
+    mults, adds, running = self.mults, self.adds, self.running
+    key = (_note(running), _note(mults), _note(adds), self.count, self.min_var,
+           torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
+    if key != self._eval_key:
+        if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
+        means, varns = running_moments(running.float(), self.count)
+        self._eval_inputs = mults.float().view(-1), adds.float().view(-1), means, varns.clamp_min(self.min_var)
+        self._eval_key = key
+    return self._eval_inputs
+
+# %% ../nbs/07_batchnorm.ipynb #94382f68
 @patch
 def forward(self: RunningBatchNorm, x):
-    _check_input(self, x, self.n_channels)
+    if x.dim() != 4 or x.shape[1] != self.n_channels: _check_input(self, x, self.n_channels)
     if not self.training:
-        if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
-        factor, offset = self.factor_offset()
-        return torch.addcmul(offset.to(x.dtype), x, factor.to(x.dtype))
+        return torch.batch_norm(x, *self.eval_inputs(), False, 0., self.eps, torch.backends.cudnn.enabled)
     mom1 = self.count_batch(x.shape[0], x.numel() / self.n_channels)
-    step = compiled_running_step if self.compiled else RunningBatchNormStep.apply
+    if self.compiled: step = compiled_running_step
+    elif self.min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
+    else: step = RunningBatchNormStep.apply
+    mults, adds = self.mults, self.adds
+    if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, self.running, mom1, self.count, self.min_var, self.eps)
     # in float32 for half-precision inputs and layers, like the other norms
-    out = step(_stats_input(x), self.mults.float(), self.adds.float(), self.running, mom1, self.count, self.min_var, self.eps)
+    out = step(_stats_input(x), mults.float(), adds.float(), self.running, mom1, self.count, self.min_var, self.eps)
     return out.to(x.dtype)
 
 @patch

@@ -23,7 +23,7 @@ from state_checks import assert_state_equal
 from minifast.foundations import set_seed
 from minifast.data import DataLoaders
 from minifast.losses import cross_entropy
-from minifast.learner import Callback, Learner, NonFiniteLossError, ProgressCallback, progress_wanted
+from minifast.learner import CancelTrainException, Callback, Learner, NonFiniteLossError, ProgressCallback, progress_wanted
 from minifast.schedule import Recorder, one_cycle
 from minifast.lr_finder import LRFinder, lr_find
 from minifast.hooks import (ActivationStats, BatchTransformXCallback, Hook, HookRemovedError, Hooks,
@@ -353,6 +353,89 @@ def test_skipped_batch_leaves_no_trace_in_running_statistics(norm):
     with torch.no_grad(): assert torch.isfinite(learn.model.eval()(x_valid.view(-1, 1, SIDE, SIDE))).all()
     rbns = [m for m in learn.model.modules() if isinstance(m, RunningBatchNorm)]
     assert all(m.n_batches == len(dls.train) - 1 for m in rbns)     # its count and step counters were put back too
+
+
+# ---------------------------------------------------------------- 3b. the check on the device
+# The default off the CPU (no host read per batch), forced here on the CPU with `check_on_device = True`.
+def device_checked(cbs=(), n_train=48, loss_func=cross_entropy, **kwargs):
+    learn = Learner(tiny_cnn(BatchNorm), tiny_dls(n_train=n_train), loss_func, lr=0.1, default_cbs=False,
+                    cbs=[BatchTransformXCallback(view_tfm(1, SIDE, SIDE))] + list(cbs), **kwargs)
+    learn.check_on_device = True
+    return learn
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
+def test_device_check_names_the_first_bad_batch_and_no_weight_turns_nonfinite(value):
+    poison = PoisonLoss(at=[(1, 1), (1, 2)], value=value)
+    learn = device_checked([poison])
+    with pytest.raises(NonFiniteLossError, match=rf'the training loss is {value} at epoch 1, batch 1; checked on the device'):
+        learn.fit(3)
+    assert all_finite(learn.model)
+    for key in poison.at: assert_same_tensors(poison.after[key], poison.before[key])   # zero gradients: plain SGD did not move
+    assert poison.n_steps == 3 + 3            # on the CPU the flag is read at the end of the training pass, and no later
+
+
+def test_device_check_keeps_momentum_finite():
+    poison = PoisonLoss(at=[(0, 1)])
+    learn = device_checked([poison], opt_func=SGD_MOM)
+    with pytest.raises(NonFiniteLossError, match='epoch 0, batch 1'): learn.fit(2)
+    assert all_finite(learn.model)
+    assert all(torch.isfinite(st['momentum_buffer']).all() for st in learn.opt.state.values())
+
+
+class ArrivedAtOnce:
+    "Stands in for the CUDA event of a copy to pinned memory that has always arrived by the next batch."
+    def record(self): pass
+    def query(self): return True
+
+
+class FakeCopyToHost(Callback):
+    "Gives the CPU learner the CUDA path's copy to the host, with an event that has always arrived: the flag is looked at one batch later."
+    def before_epoch(self): self.learn._flag_copied = ArrivedAtOnce()
+
+
+def test_device_check_reads_an_arrived_copy_one_batch_later():
+    poison = PoisonLoss(at=[(0, 1)])
+    learn = device_checked([poison, FakeCopyToHost()])
+    with pytest.raises(NonFiniteLossError, match=r'at epoch 0, batch 1; checked on the device and read at batch 2'): learn.fit(2)
+    assert poison.n_steps == 2                # batch 2 stopped after its backward pass, before its step
+    assert all_finite(learn.model)
+
+
+def test_device_check_after_training_was_cancelled_mid_epoch():
+    class CancelAfterBatch1(Callback):
+        def after_batch(self):
+            if self.learn.in_train and self.learn.iter == 1: raise CancelTrainException()
+    learn = device_checked([PoisonLoss(at=[(0, 0)]), CancelAfterBatch1()])
+    with pytest.raises(NonFiniteLossError, match='epoch 0, batch 0'): learn.fit(2)
+
+
+def test_device_check_changes_no_result_and_skip_stays_on_the_host():
+    "Without a bad loss, the same seed gives the same bits with either check; 'skip' needs the per-batch read, and keeps it."
+    states = []
+    for on_device in (False, True):
+        set_seed(0)
+        learn = device_checked(opt_func=SGD_MOM)
+        learn.check_on_device = on_device
+        learn.fit(2)
+        states.append(full_state(learn))
+    assert_state_equal(states[1], states[0])
+    learn = device_checked([PoisonLoss(at=[(0, 1)])], nonfinite='skip')
+    learn.fit(1)
+    assert learn.n_skipped_batches == 1 and learn._nonfinite_flag is None
+
+
+def test_device_check_reads_the_host_once_per_epoch():
+    "The flag is read once per epoch: as often with 12 training batches per epoch as with 3 (the host check reads every batch)."
+    def host_reads(n_train):
+        set_seed(0)
+        learn = device_checked(n_train=n_train, loss_func=F.cross_entropy)   # minifast's cross_entropy reads CPU labels
+        with counting_host_reads() as counts: learn.fit(2)
+        assert len(learn.dls.train) == n_train // 16
+        return counts
+    few, many = host_reads(48), host_reads(192)
+    assert few == {'tolist': 2}, few          # the flag, at the end of each training pass; nothing else
+    assert many == few, (few, many)
 
 
 # ---------------------------------------------------------------- 4. same seed, same result
