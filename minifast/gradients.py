@@ -60,7 +60,8 @@ def before_fit(self: GradientStats):
         raise ValueError("GradientStats: the model has no parameters that need gradients, so there is no backward pass to watch")
     super(GradientStats, self).before_fit()   # `@patch` has no zero-argument super()
     self._calls = [(0, 0)] * len(self._seen)   # per layer, this batch: values and sampled values over all calls
-    self._sampling = {}                         # number of values -> the histogram sample's step, and that many ones
+    self._sampling = {}                         # number of values -> the histogram sample's step and size
+    self._samples, self._places = [], {}        # this batch's (layer, sample); where their counts go, per batch shape
     self._edge_tensor = torch.tensor(self._edges, device=self.stats.device)
     self._grad_hooks = [partial(self._record_grad, layer) for layer in range(len(self._seen))]
 
@@ -75,31 +76,43 @@ def _record(self: GradientStats, hook, module, inputs, output):
 # %% ../nbs/08_gradients.ipynb #07003aeb
 @patch
 def _record_grad(self: GradientStats, layer, grad):
-    "The tensor hook: write (or, for a second call, add) this gradient's sums into `layer`'s row, and count its sample."
+    "The tensor hook: write (or, for a second call, add) this gradient's sums into `layer`'s row, and keep its sample."
     g = grad.reshape(-1)
     if g.requires_grad: g = g.detach()   # only under create_graph=True; an op saved on every call otherwise
     if g.dtype != torch.float32: g = g.float()
     sampling = self._sampling.get(g.numel())
     if sampling is None:
         step = 1 if self.hist_sample is None else sample_step(g.numel(), self.hist_sample)
-        sampling = self._sampling[g.numel()] = step, g.new_ones(len(range(0, g.numel(), step)))
-    step, ones = sampling
+        sampling = self._sampling[g.numel()] = step, len(range(0, g.numel(), step))
+    step, n_sampled = sampling
     total, squares, _, counts = self._views[layer]
     if not self._seen[layer]:
         torch.sum(g, 0, out=total); torch.dot(g, g, out=squares)
         self._calls[layer] = (0, 0)
     else: total.add_(g.sum()); squares.add_(torch.dot(g, g))
-    # one count per sampled |g|: exact zero, below the range, a bin, above it, or NaN (`after_batch` zeroes them)
-    counts.index_add_(0, torch.bucketize(g[::step].abs(), self._edge_tensor), ones)
+    self._samples.append((layer, g[::step]))   # counted with the other layers' samples in `after_batch`
     n, sampled = self._calls[layer]
-    self._calls[layer] = (n + g.numel(), sampled + len(ones))
+    self._calls[layer] = (n + g.numel(), sampled + n_sampled)
     self._seen[layer] = True
 
 # %% ../nbs/08_gradients.ipynb #b4d9358e
 @patch
+def _count_samples(self: GradientStats):
+    "Count this batch's sampled |g| of all layers at once: exact zero, below the range, a bin, above it, or NaN."
+    key = tuple((layer, len(s)) for layer, s in self._samples)
+    if key not in self._places:   # where each value's counts start in `_batch`, flattened
+        places = torch.cat([torch.full((n,), layer * self._batch.shape[1] + 3) for layer, n in key])
+        self._places[key] = places.to(self._batch.device), torch.ones(len(places), device=self._batch.device)
+    places, ones = self._places[key]
+    bins = torch.bucketize(torch.cat([s for _, s in self._samples]).abs_(), self._edge_tensor)
+    self._batch.view(-1).index_add_(0, bins.add_(places), ones)
+    self._samples = []
+
+@patch
 def after_batch(self: GradientStats):
-    "Set each layer's count and the sample's scale-up when they changed (host-side numbers), store the row, zero the counts."
+    "Count the samples; set each layer's count and the sample's scale-up when they changed (host-side numbers); store the row."
     if not self._recording: return
+    if self._samples: self._count_samples()
     for layer, calls in enumerate(self._calls):
         if self._seen[layer] and self._sizes[layer] != calls:
             self._sizes[layer] = calls
