@@ -149,7 +149,7 @@ def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, he
     factor, offset = factor_and_offset(*running_moments(new, count), mults, adds, min_var, eps)
     return x * factor + offset
 
-# %% ../nbs/07_batchnorm.ipynb #94360544
+# %% ../nbs/07_batchnorm.ipynb #0ecb4206
 _ZERO, _ONE = torch.zeros(()), torch.ones(())
 
 def _times(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -158,7 +158,7 @@ def _times(t: torch.Tensor, s: float) -> torch.Tensor:
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward.default
 
-# %% ../nbs/07_batchnorm.ipynb #76d5c7bf
+# %% ../nbs/07_batchnorm.ipynb #c3a3b454
 class RunningBatchNormStep(torch.autograd.Function):
     "A training step of `RunningBatchNorm` after the warm-up, with a backward pass written out so that it costs little more than BatchNorm's."
     @staticmethod
@@ -176,7 +176,7 @@ class RunningBatchNormStep(torch.autograd.Function):
         # (x − means) / √(varns + eps) · mults + adds: BatchNorm in eval mode with these statistics, one fused pass
         return torch.batch_norm(x, weight, adds.view(-1), means, varns_eps, False, 0., 0., torch.backends.cudnn.enabled)
 
-# %% ../nbs/07_batchnorm.ipynb #ac67c182
+# %% ../nbs/07_batchnorm.ipynb #3335622e
 class RunningBatchNormStep(RunningBatchNormStep):
     "The backward pass of `RunningBatchNormStep`: BatchNorm's training-mode backward kernel, given this batch's share."
     @staticmethod
