@@ -101,10 +101,10 @@ def _count_samples(self: GradientStats):
     "Count this batch's sampled |g| of all layers at once: exact zero, below the range, a bin, above it, or NaN."
     key = tuple((layer, len(s)) for layer, s in self._samples)
     if key not in self._places:   # where each value's counts start in `_batch`, flattened
-        places = torch.cat([torch.full((n,), layer * self._batch.shape[1] + 3) for layer, n in key])
+        places = torch.cat([torch.full((n,), layer * self._batch.shape[1] + 3, dtype=torch.int32) for layer, n in key])
         self._places[key] = places.to(self._batch.device), torch.ones(len(places), device=self._batch.device)
     places, ones = self._places[key]
-    bins = torch.bucketize(torch.cat([s for _, s in self._samples]).abs_(), self._edge_tensor)
+    bins = torch.bucketize(torch.cat([s for _, s in self._samples]).abs_(), self._edge_tensor, out_int32=True)   # int32: faster
     self._batch.view(-1).index_add_(0, bins.add_(places), ones)
     self._samples = []
 
