@@ -80,6 +80,8 @@ def _record_grad(self: GradientStats, layer, grad):
     g = grad.reshape(-1)
     if g.requires_grad: g = g.detach()   # only under create_graph=True; an op saved on every call otherwise
     if g.dtype != torch.float32: g = g.float()
+    scaler = self.learn.grad_scaler   # float16 (`MixedPrecision`): the backward pass carries the loss scale, undone here
+    if scaler is not None: g = g / scaler._scale
     sampling = self._sampling.get(g.numel())
     if sampling is None:
         step = 1 if self.hist_sample is None else sample_step(g.numel(), self.hist_sample)

@@ -204,3 +204,16 @@ def test_norm_layers_train_in_bfloat16(norm):
     learn = learner([MixedPrecision()], norm=norm)
     learn.fit(2)
     assert all(torch.isfinite(t).all() for t in learn.model.state_dict().values() if torch.is_tensor(t) and t.is_floating_point())
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bfloat16', 'float16'])
+def test_gradient_stats_record_unscaled_gradients(dtype):
+    "In float16 the backward pass carries the loss scale (65,536 at first): GradientStats divides it out, so its stds match float32's."
+    from minifast.gradients import GradientStats
+    stats = {}
+    for name, extra in [('float32', []), ('16', [MixedPrecision(dtype)])]:
+        stats[name] = GradientStats()
+        learner(extra + [stats[name]]).fit(1)
+    half, full = stats['16'], stats['float32']
+    assert torch.isfinite(half.stds[:, 0]).all()
+    torch.testing.assert_close(half.stds[:, 0], full.stds[:, 0], rtol=0.1, atol=1e-6)   # the first batch: same weights
