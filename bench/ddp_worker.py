@@ -63,5 +63,6 @@ if __name__ == '__main__':
         dist.barrier()   # the epoch ends when the slower rank is done
         seconds = time.perf_counter() - start
         losses.append(learn.metrics.history[-1]['valid_loss'])
-        if rank == 0: (folder / f'done{r}').write_text(repr(seconds))
+        if rank == 0:   # written whole, then renamed: the waiting process must never read a half-written file
+            (folder / f'.done{r}').write_text(repr(seconds)); (folder / f'.done{r}').rename(folder / f'done{r}')
     if rank == 0: (folder / 'info.json').write_text(json.dumps(dict(bytes_per_step=bytes_per_step(learn.model), losses=losses)))

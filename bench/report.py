@@ -260,6 +260,8 @@ def write_markdown(results, path):
              f"- load average (1, 5, 15 min) at the start {info['load_start']}, at the end {info['load_end']}"
              + (' — the machine was busy: the ratios absorb steady load, and the median drops the odd burst, but read them with care'
                 if max(info['load_start'][0], info['load_end'][0]) > 0.75 * m['cores'] else ''),
+             *[f"- the rows of the measures {', '.join(r['measures'])} come from a later run, `{r['command']}` on {r['date']} "
+               f"(commit {r['commit']}), which replaced the complete run's" for r in info.get('replaced', [])],
              f"- {len(met) - len(missed)} of {len(met)} targets met" + (': misses ' + ', '.join(f"{c['arm']} at {c['batch_size']}" for c in missed) if missed else ''), '',
              '## Method', '',
              '- Fashion-MNIST, normalised with the training set\'s mean and std (`normalize_to_train`); the lesson\'s CNN '

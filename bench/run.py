@@ -305,7 +305,8 @@ def measure_layer(mode, rounds, log):
     sizes 4, 64 and 1024, and one training step (forward and backward) at batch size 2. Seconds per call, per round."""
     arms = {'nn.BatchNorm2d': nn.BatchNorm2d, 'RunningBatchNorm': RunningBatchNorm, LESSON_RBN: LessonRunningBatchNorm}
     quick = mode == 'quick'
-    plans = [(RBN_EVAL, 'eval mode', bs, False, n) for bs, n in ((4, 2000), (64, 1000), (1024, 60))] + [(RBN_STEP, 'training step', 2, True, 2000)]
+    # about a second per arm and round: shorter rounds measured the machine's jitter more than the layers
+    plans = [(RBN_EVAL, 'eval mode', bs, False, n) for bs, n in ((4, 30_000), (64, 15_000), (1024, 1_000))] + [(RBN_STEP, 'training step', 2, True, 5_000)]
     rows = []
     for arm_name, what, bs, train, n_calls in plans:
         n_calls = max(n_calls // 20, 5) if quick else n_calls
@@ -518,8 +519,21 @@ def parse_args(argv=None):
     p.add_argument('--bs32-batches', type=int, help='training batches per epoch at batch size 32 (validation: a tenth as many, of 64 images)')
     p.add_argument('--bs2-images', type=int, help='training images per epoch at batch size 2 (validation: as many, in batches of 4)')
     p.add_argument('--out', type=Path, help='folder for RESULTS.md, results.png and results.json')
+    p.add_argument('--replace-in', type=Path, help='a folder with a complete run: put this run\'s measures (--only) in place of its rows, '
+                   'note it in its RESULTS.md, and write there')
     p.add_argument('--traces', action='store_true', help='also save each profile as a Chrome trace (tens of MB) under bench/out/traces')
     return p.parse_args(argv)
+
+
+def replace_in(folder, results, only):
+    "A complete run's results from `folder`, with the comparisons of the measures in `only` taken from `results`."
+    if set(only) - {'loop', 'stats', 'grads', 'norms', 'layer', 'amp'}: sys.exit('--replace-in: only comparison measures can be replaced')
+    base = json.loads((folder / 'results.json').read_text())
+    kept = [c for c in base['comparisons'] if c['measure'] not in only and not (c['measure'] in ('rbn', 'lesson') and 'norms' in only)]
+    base['comparisons'] = kept + results['comparisons']
+    base['info'].setdefault('replaced', []).append(dict(measures=list(only), command=results['info']['command'],
+                                                        date=results['info']['date'], commit=results['info']['machine']['commit']))
+    return base
 
 
 def main(argv=None):
@@ -560,6 +574,7 @@ def main(argv=None):
     info.update(load_end=load_average(), duration_s=time.perf_counter() - started)
 
     results = dict(info=info, comparisons=comparisons, memory=memory, profiles=profiles)
+    if args.replace_in: out, results = args.replace_in, replace_in(args.replace_in, results, only)
     (out / 'results.json').write_text(json.dumps(results, indent=1))
     report.write_markdown(results, out / 'RESULTS.md')
     report.plot(results, out / 'results.png')
