@@ -34,6 +34,12 @@ WHY_MISSED = {
         'Each call of a compiled function has a fixed cost, larger than what fusing saves on tiny tensors; '
         '`compiled=True` is for large batches, and the default is faster here.',
 }
+NOISY = ('On 2026-11-29 an earlier full run of the same code, which crashed before writing its results, read this row '
+         '0.1 to 0.2 lower, and the rounds of this run spread widely: at this precision the machine, not the code, decides '
+         'the verdict. bench/README.md says what the row costs and what was tried.')
+for _key in [('loop', 'Learner.fit', 512), ('loop', 'Learner.fit', 32), ('grads', 'with GradientStats', 32),
+             ('grads', 'with UpdateStats', 32), ('grads', 'with UpdateStats', 512), ('layer', 'RunningBatchNorm, eval mode', 1024)]:
+    WHY_MISSED.setdefault(_key, NOISY)
 PEER_NAMES = ('course-v3 (2019)', 'miniai (2022)')
 # The peers record no gradient statistics on every batch, so the grads rows have no peer figures; this says what they do.
 GRADS_CONTEXT = ('**The cost of looking inside the backward pass, in context.** These rows have no peer figures. As issue 13 '
