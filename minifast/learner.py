@@ -265,8 +265,7 @@ def fit(self: Learner, n_epochs: int, cbs=None,
         resume_from=None): # a checkpoint written by `SaveCheckpoint`: go on from where that fit was
     "Train for `n_epochs`, with extra callbacks `cbs` attached for this fit only."
     if len(self.dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
-    cbs = listify(cbs)
-    checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, cbs)
+    checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, listify(cbs))
     self.add_cbs(cbs)
     self.n_epochs, self.loss = n_epochs, torch.tensor(0.)
     try:
@@ -701,8 +700,7 @@ class Learner(Learner):
         device = next(self.model.parameters()).device
         for cb in self.cbs:   # first: a callback that refuses its state (`MixedPrecision` in another dtype) leaves the model as it was
             if has_state(cb): cb.load_state_dict(_to_device(ckpt['fit']['callbacks'][cb.name], device))
-        self.model.load_state_dict(ckpt['model'])
-        self.opt.load_state_dict(ckpt['opt'])
+        self.model.load_state_dict(ckpt['model']); self.opt.load_state_dict(ckpt['opt'])
         self.n_skipped_batches = ckpt['fit']['n_skipped_batches']
         set_rng_states(rng, self.dls)
 
