@@ -527,7 +527,7 @@ def parse_args(argv=None):
 
 def replace_in(folder, results, only):
     "A complete run's results from `folder`, with the comparisons of the measures in `only` taken from `results`."
-    if set(only) - {'loop', 'stats', 'grads', 'norms', 'layer', 'amp'}: sys.exit('--replace-in: only comparison measures can be replaced')
+    if set(only) - {'loop', 'stats', 'grads', 'norms', 'layer', 'amp', 'ddp'}: sys.exit('--replace-in: only comparison measures can be replaced')
     base = json.loads((folder / 'results.json').read_text())
     kept = [c for c in base['comparisons'] if c['measure'] not in only and not (c['measure'] in ('rbn', 'lesson') and 'norms' in only)]
     base['comparisons'] = kept + results['comparisons']
