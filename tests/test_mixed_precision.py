@@ -180,18 +180,27 @@ def test_lr_find_puts_the_loss_scale_back():
 
 
 # ---------------------------------------------------------------- callbacks and norm layers in 16 bits
+def fitted_in_both(make_stats, dtype, n_epochs=1, check_learner=lambda learn: None, **kwargs):
+    "The same fit from the same seed in float32 and with `MixedPrecision(dtype)`: the two stats callbacks (16-bit, float32)."
+    stats = {}
+    for name, extra in [('float32', []), ('16', [MixedPrecision(dtype)])]:
+        stats[name] = make_stats()
+        learn = learner(extra + [stats[name]], **kwargs)
+        learn.fit(n_epochs)
+        check_learner(learn)
+    return stats['16'], stats['float32']
+
+
+def rbns_finite(learn):
+    "RunningBatchNorm keeps float32, finite statistics, and the model's eval output is finite."
+    rbns = [m for m in learn.model.modules() if isinstance(m, RunningBatchNorm)]
+    assert all(m.running.dtype == torch.float32 and torch.isfinite(m.running).all() for m in rbns)
+    with torch.no_grad(): assert torch.isfinite(learn.model.eval()(torch.randn(4, 1, SIDE, SIDE))).all()
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bfloat16', 'float16'])
 def test_activation_stats_and_running_batch_norm_cope_with_16_bit_activations(dtype):
     "ActivationStats records 16-bit activations in float32; RunningBatchNorm keeps float32 statistics; both close to float32's."
-    stats = {}
-    for name, extra in [('float32', []), ('16', [MixedPrecision(dtype)])]:
-        stats[name] = ActivationStats()
-        learn = learner(extra + [stats[name]], norm=RunningBatchNorm)
-        learn.fit(2)
-        rbns = [m for m in learn.model.modules() if isinstance(m, RunningBatchNorm)]
-        assert all(m.running.dtype == torch.float32 and torch.isfinite(m.running).all() for m in rbns)
-        with torch.no_grad(): assert torch.isfinite(learn.model.eval()(torch.randn(4, 1, SIDE, SIDE))).all()
-    half, full = stats['16'], stats['float32']
+    half, full = fitted_in_both(ActivationStats, dtype, n_epochs=2, check_learner=rbns_finite, norm=RunningBatchNorm)
     assert half.n_recorded == full.n_recorded == 2 * 3 and half.stats.dtype == torch.float32
     assert torch.isfinite(half.means).all() and torch.isfinite(half.stds).all()
     torch.testing.assert_close(half.means[:, 0], full.means[:, 0], rtol=0.05, atol=0.02)   # the first batch: same weights
@@ -210,10 +219,6 @@ def test_norm_layers_train_in_bfloat16(norm):
 def test_gradient_stats_record_unscaled_gradients(dtype):
     "In float16 the backward pass carries the loss scale (65,536 at first): GradientStats divides it out, so its stds match float32's."
     from minifast.gradients import GradientStats
-    stats = {}
-    for name, extra in [('float32', []), ('16', [MixedPrecision(dtype)])]:
-        stats[name] = GradientStats()
-        learner(extra + [stats[name]]).fit(1)
-    half, full = stats['16'], stats['float32']
+    half, full = fitted_in_both(GradientStats, dtype)
     assert torch.isfinite(half.stds[:, 0]).all()
     torch.testing.assert_close(half.stds[:, 0], full.stds[:, 0], rtol=0.1, atol=1e-6)   # the first batch: same weights
