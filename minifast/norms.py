@@ -335,6 +335,15 @@ def plot(self: NormComparison):
     return fig
 
 # %% ../nbs/07_batchnorm.ipynb #c86332df
+def _grid_cell(norm, data, batch_size: int, lr: float, n_epochs: int, schedule: bool, printer) -> dict:
+    "One fit of the grid: validation accuracy and loss, seconds per epoch, and whether it diverged (a NaN loss)."
+    start = time.perf_counter()
+    try: learn = fit_cnn(get_norm_cnn(norm), data, batch_size=batch_size, lr=lr, n_epochs=n_epochs, schedule=schedule, printer=printer)
+    except NonFiniteLossError: return dict(valid_accuracy=math.nan, valid_loss=math.nan, sec_per_epoch=math.nan, diverged=True)
+    last = learn.metrics.history[-1]
+    return dict(valid_accuracy=last['valid_accuracy'], valid_loss=last['valid_loss'],
+                sec_per_epoch=(time.perf_counter() - start) / n_epochs, diverged=False)
+
 def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,), n_epochs: int = 1,
                   n_train=None, # dict batch_size -> how many training images to use (default: all)
                   schedule: bool = True, seed: int = 0, printer=None) -> NormComparison:
@@ -348,18 +357,7 @@ def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,)
         for lr in lrs:
             for name, norm in norms.items():
                 set_seed(seed)
-                start = time.perf_counter()
-                try:
-                    learn = fit_cnn(get_norm_cnn(norm), subset, batch_size=bs, lr=lr, n_epochs=n_epochs,
-                                    schedule=schedule, printer=printer)
-                except NonFiniteLossError:
-                    rows.append(dict(norm=name, batch_size=bs, lr=lr, valid_accuracy=math.nan, valid_loss=math.nan,
-                                     sec_per_epoch=math.nan, diverged=True))
-                    continue
-                seconds = (time.perf_counter() - start) / n_epochs
-                last = learn.metrics.history[-1]
-                rows.append(dict(norm=name, batch_size=bs, lr=lr, valid_accuracy=last['valid_accuracy'],
-                                 valid_loss=last['valid_loss'], sec_per_epoch=seconds, diverged=False))
+                rows.append(dict(norm=name, batch_size=bs, lr=lr, **_grid_cell(norm, subset, bs, lr, n_epochs, schedule, printer)))
     return NormComparison(rows)
 
 # %% ../nbs/07_batchnorm.ipynb #455ecf69
