@@ -19,7 +19,7 @@ from fastcore.basics import patch
 from .data import DataLoader, DataLoaders
 from .learner import Callback, Learner, MetricsCallback
 from .hooks import ActivationStats
-from .norms import BatchNorm, RunningBatchNorm, factor_and_offset, running_moments, _check_input, _stats_input
+from .norms import BatchNorm, RunningBatchNorm, factor_and_offset, running_moments, _check_input, _stats_input, _times
 
 # %% ../nbs/09_distributed.ipynb #d011
 def shard_bounds(n: int, # items in the global batch
@@ -287,10 +287,10 @@ class SyncedRunningBatchNorm(RunningBatchNorm):
         C = self.n_channels
         stats = _global_sums(x)
         batch_size, items = stats[2 * C:].tolist()   # one host read per layer and step: count and momentum are Python numbers
-        mom1 = self.count_batch(round(batch_size), items)
-        new = torch.lerp(self.running.float(), stats[:2 * C].view(2, C), mom1)
+        share = self.count_batch(round(batch_size), items)
+        new = torch.lerp(self.running.float(), _times(stats[:2 * C].view(2, C), 1 / items), share)   # the global averages
         self.running.copy_(new.detach())
-        factor, offset = factor_and_offset(*running_moments(new, self.count), self.mults.float(), self.adds.float(),
+        factor, offset = factor_and_offset(*running_moments(new), self.mults.float(), self.adds.float(),
                                            self.min_var, self.eps)
         return (_stats_input(x) * factor + offset).to(x.dtype)
 

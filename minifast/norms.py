@@ -124,9 +124,9 @@ class GroupNorm(nn.Module):
     def extra_repr(self): return f'{self.n_groups}, {self.n_channels}, eps={self.eps}'
 
 # %% ../nbs/07_batchnorm.ipynb #10d5fbf0
-def running_moments(running, count):
-    "Per-channel mean and variance (not yet clamped) from running sums and sums of squares `running` (2, C) over `count` items."
-    means, squares = running / count                                  # E[x] and E[x²]
+def running_moments(running):
+    "Per-channel mean and variance (not yet clamped) from the running averages `running` (2, C) of x and x²."
+    means, squares = running                                          # E[x] and E[x²]
     return means, torch.addcmul(squares, means, means, value=-1)      # E[x²] − E[x]²
 
 def factor_and_offset(means, varns, mults, adds, min_var, eps: float):
@@ -137,16 +137,15 @@ def factor_and_offset(means, varns, mults, adds, min_var, eps: float):
 # %% ../nbs/07_batchnorm.ipynb #38a86b5b
 def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, height, width)
                             mults: torch.Tensor, adds: torch.Tensor, # the layer's parameters, (channels, 1, 1)
-                            running: torch.Tensor, # running sums and sums of squares, (2, channels): updated in place
-                            mom1, # this batch's momentum (step 2)
-                            count, # the running count of items per channel, this batch included
+                            running: torch.Tensor, # running averages of x and x², (2, channels): updated in place
+                            share: float, # this batch's share of the running count (steps 1 and 2)
                             min_var, # the floor on the variance (step 4)
                             eps: float) -> torch.Tensor:
     "Steps 1 to 5 in plain tensor operations, for autograd to differentiate; folds the batch into `running` in place."
-    batch = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))])
-    new = torch.lerp(running.float(), batch, mom1)    # the history is constant; this batch keeps its gradient
+    batch = torch.stack([x.mean((0, 2, 3)), (x * x).mean((0, 2, 3))])
+    new = torch.lerp(running.float(), batch, share)    # the history is constant; this batch keeps its gradient
     running.copy_(new.detach())
-    factor, offset = factor_and_offset(*running_moments(new, count), mults, adds, min_var, eps)
+    factor, offset = factor_and_offset(*running_moments(new), mults, adds, min_var, eps)
     return x * factor + offset
 
 # %% ../nbs/07_batchnorm.ipynb #0ecb4206
@@ -162,34 +161,34 @@ _bn_backward = torch.ops.aten.native_batch_norm_backward.default
 class RunningBatchNormStep(torch.autograd.Function):
     "A training step of `RunningBatchNorm` after the warm-up, with a backward pass written out so that it costs little more than BatchNorm's."
     @staticmethod
-    def forward(ctx, x, mults, adds, running, mom1: float, count: float, min_var: float, eps: float):
-        "Fold the batch into `running` (sums and sums of squares, in place), then normalise `x` with the running statistics."
-        n = x.numel() // x.shape[1]
+    def forward(ctx, x, mults, adds, running, share: float, min_var: float, eps: float):
+        "Fold the batch into the running averages `running` (in place), then normalise `x` with them."
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
         batch = torch.stack([mean, torch.addcmul(var, mean, mean)])     # ... and E[x²]
-        running.add_(running, alpha=-mom1).add_(batch, alpha=mom1 * n)  # (1 − mom1)·running + mom1·n·batch
-        means, squares = _times(running.float(), 1 / count)
-        varns_eps = torch.addcmul(squares, means, means, value=-1).clamp_min_(min_var).add_(_ONE, alpha=eps)
+        new = torch.lerp(running.float(), batch, share)   # a new tensor: `backward` needs these means after the next step
+        running.copy_(new)
+        means, squares = new
+        varns = torch.addcmul(squares, means, means, value=-1).clamp_min_(min_var)
         weight = mults.view(-1)
-        ctx.save_for_backward(x, weight, means, varns_eps)
-        ctx.share = mom1 * n / count    # this batch's weight in the running statistics
+        ctx.save_for_backward(x, weight)
+        ctx.numbers = means, varns, share, eps   # neither inputs nor outputs, so plain attributes will do
         # (x − means) / √(varns + eps) · mults + adds: BatchNorm in eval mode with these statistics, one fused pass
-        return torch.batch_norm(x, weight, adds.view(-1), means, varns_eps, False, 0., 0., torch.backends.cudnn.enabled)
+        return torch.batch_norm(x, weight, adds.view(-1), means, varns, False, 0., eps, torch.backends.cudnn.enabled)
 
 # %% ../nbs/07_batchnorm.ipynb #3335622e
 class RunningBatchNormStep(RunningBatchNormStep):
     "The backward pass of `RunningBatchNormStep`: BatchNorm's training-mode backward kernel, given this batch's share."
     @staticmethod
     def backward(ctx, grad):
-        x, weight, means, varns_eps = ctx.saved_tensors
-        inv_std, share = torch.rsqrt(varns_eps), ctx.share
+        (x, weight), (means, varns, share, eps) = ctx.saved_tensors, ctx.numbers
+        inv_std = torch.add(varns, _ONE, alpha=eps).rsqrt_()
         # BatchNorm's training-mode backward, told that the batch's statistics are `means` and `varns`, returns T, the
         # gradient if they were this batch's own; ours is share·T + (1 − share)·g·mults·inv_std (see Under the hood).
         # Given share·mults as the weight it returns share·T, and the parameters' gradients, which do not depend on it.
         grad_x, grad_mults, grad_adds = _bn_backward(grad, x, _times(weight, share), None, None, means, inv_std, True,
                                                      0., [True, True, True])
         grad_x.addcmul_(grad, torch.addcmul(_ZERO, weight, inv_std, value=1 - share).view(-1, 1, 1))
-        return grad_x, grad_mults.view(-1, 1, 1), grad_adds.view(-1, 1, 1), None, None, None, None, None
+        return grad_x, grad_mults.view(-1, 1, 1), grad_adds.view(-1, 1, 1), None, None, None, None
 
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
@@ -203,16 +202,11 @@ class RunningBatchNorm(nn.Module):
         self.warmup_items, self.warmup_var = warmup_items, warmup_var
         self.mults = nn.Parameter(torch.ones(n_channels, 1, 1))
         self.adds = nn.Parameter(torch.zeros(n_channels, 1, 1))
-        self.register_buffer('running', torch.zeros(2, n_channels))   # the running sums and sums of squares
+        self.register_buffer('running', torch.zeros(2, n_channels))   # the running averages of x and x²
         # The count and the step counters depend only on batch sizes: Python numbers, so that they cost
         # no device op and no sync; saved with the model through `get_extra_state`.
         self.count, self.n_batches, self.n_items = 0., 0, 0
         self._eval_key = None   # what `eval_inputs` computed eval mode's inputs from
-
-    @property
-    def sums(self) -> torch.Tensor: "Running sums, per channel."; return self.running[0].view(-1, 1, 1)
-    @property
-    def sqrs(self) -> torch.Tensor: "Running sums of squares, per channel."; return self.running[1].view(-1, 1, 1)
 
     @property
     def min_var(self) -> float:
@@ -221,11 +215,26 @@ class RunningBatchNorm(nn.Module):
 
 # %% ../nbs/07_batchnorm.ipynb #2059e196
 @patch
-def get_extra_state(self: RunningBatchNorm): return {'count': self.count, 'n_batches': self.n_batches, 'n_items': self.n_items}
+def get_extra_state(self: RunningBatchNorm):
+    return {'count': self.count, 'n_batches': self.n_batches, 'n_items': self.n_items, 'running': 'averages'}
 
 @patch
-def set_extra_state(self: RunningBatchNorm, state): self.count, self.n_batches, self.n_items = state['count'], state['n_batches'], state['n_items']
+def set_extra_state(self: RunningBatchNorm, state):
+    self.count, self.n_batches, self.n_items = state['count'], state['n_batches'], state['n_items']
+    if state.get('running') != 'averages' and self.count > 0:   # an older checkpoint's sums, loaded just before this
+        with torch.no_grad(): self.running.div_(self.count)
 
+@patch(as_prop=True)
+def sums(self: RunningBatchNorm) -> torch.Tensor:
+    "The lesson's running sums, per channel: the running mean times the count."
+    return self.running[0].view(-1, 1, 1) * self.count
+
+@patch(as_prop=True)
+def sqrs(self: RunningBatchNorm) -> torch.Tensor:
+    "The lesson's running sums of squares, per channel."
+    return self.running[1].view(-1, 1, 1) * self.count
+
+# %% ../nbs/07_batchnorm.ipynb #2558ba3a
 @patch
 def momentum(self: RunningBatchNorm, batch_size: int) -> float:
     "The lesson's momentum for a batch of `batch_size` (step 2); a batch of one counts as a batch of two."
@@ -233,17 +242,17 @@ def momentum(self: RunningBatchNorm, batch_size: int) -> float:
 
 @patch
 def count_batch(self: RunningBatchNorm, batch_size: int, items_per_channel: int) -> float:
-    "Advance the count and the step counters for a training batch; returns its momentum."
+    "Advance the count and the step counters for a training batch; returns its share of the new count."
     mom1 = self.momentum(batch_size)
-    self.count += mom1 * (items_per_channel - self.count)
-    self.n_batches += 1; self.n_items += batch_size
-    return mom1
+    count = self.count + mom1 * (items_per_channel - self.count)
+    vars(self).update(count=count, n_batches=self.n_batches + 1, n_items=self.n_items + batch_size)   # plain attributes
+    return mom1 * items_per_channel / count
 
 # %% ../nbs/07_batchnorm.ipynb #3beaad02
 @patch
 def factor_offset(self: RunningBatchNorm):
     "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5): eval mode is `x * factor + offset`."
-    return factor_and_offset(*running_moments(self.running, self.count), self.mults, self.adds, self.min_var, self.eps)
+    return factor_and_offset(*running_moments(self.running), self.mults, self.adds, self.min_var, self.eps)
 
 def _note(t: torch.Tensor) -> tuple:
     "Which tensor `t` is, where its data lives and how often it has been changed in place: Python numbers, no device read."
@@ -253,11 +262,11 @@ def _note(t: torch.Tensor) -> tuple:
 def eval_inputs(self: RunningBatchNorm):
     "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
     mults, adds, running = self.mults, self.adds, self.running
-    key = (_note(running), _note(mults), _note(adds), self.count, self.min_var,
+    key = (_note(running), _note(mults), _note(adds), self.min_var,
            torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
     if key != self._eval_key:
         if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
-        means, varns = running_moments(running.float(), self.count)
+        means, varns = running_moments(running.float().clone())   # a copy: not a view of the buffer, which training changes
         self._eval_inputs = mults.float().view(-1), adds.float().view(-1), means, varns.clamp_min(self.min_var)
         self._eval_key = key
     return self._eval_inputs
@@ -268,14 +277,14 @@ def forward(self: RunningBatchNorm, x):
     if x.dim() != 4 or x.shape[1] != self.n_channels: _check_input(self, x, self.n_channels)
     if not self.training:
         return torch.batch_norm(x, *self.eval_inputs(), False, 0., self.eps, torch.backends.cudnn.enabled)
-    mom1 = self.count_batch(x.shape[0], x.numel() / self.n_channels)
+    share, min_var = self.count_batch(x.shape[0], x.numel() / self.n_channels), self.min_var
     if self.compiled: step = compiled_running_step
-    elif self.min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
+    elif min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
     else: step = RunningBatchNormStep.apply
     mults, adds = self.mults, self.adds
-    if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, self.running, mom1, self.count, self.min_var, self.eps)
+    if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, self.running, share, min_var, self.eps)
     # in float32 for half-precision inputs and layers, like the other norms
-    out = step(_stats_input(x), mults.float(), adds.float(), self.running, mom1, self.count, self.min_var, self.eps)
+    out = step(_stats_input(x), mults.float(), adds.float(), self.running, share, min_var, self.eps)
     return out.to(x.dtype)
 
 @patch
@@ -364,13 +373,13 @@ def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,)
 _compiled_step = None
 
 def compiled_running_step(x, mults, adds, running, # as for `running_batch_norm_step`
-                          mom1: float, count: float, min_var: float, # Python numbers, passed on as tensors
+                          share: float, min_var: float, # Python numbers, passed on as tensors
                           eps: float) -> torch.Tensor:
     "`running_batch_norm_step` through `torch.compile`, compiled on first use: one kernel per layer shape, any batch size."
     global _compiled_step
     if _compiled_step is None: _compiled_step = torch.compile(running_batch_norm_step, dynamic=False)
     torch._dynamo.maybe_mark_dynamic(x, 0)
-    numbers = [torch.tensor(v, dtype=torch.float32) for v in (mom1, count, min_var)]
+    numbers = [torch.tensor(v, dtype=torch.float32) for v in (share, min_var)]
     try: return _compiled_step(x, mults, adds, running, *numbers, eps)
     except Exception as e:
         e.add_note("minifast: raised in RunningBatchNorm's compiled step (compiled=True). If compiling failed: torch.compile "

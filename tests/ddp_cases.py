@@ -55,9 +55,8 @@ def state_vector(model):
     "Parameters, buffers and RunningBatchNorm's counts, flattened, in float64."
     parts = [p.detach().reshape(-1).double().cpu() for p in model.parameters()]
     for m in model.modules():
-        # RunningBatchNorm's running sums run over thousands of items, so their rounding is absolute, not relative:
-        # compare what the layer uses, the running moments (sums / count), and the count itself
-        if isinstance(m, RunningBatchNorm): parts += [m.running.double().cpu().reshape(-1) / m.count, torch.tensor([m.count], dtype=torch.float64)]
+        # RunningBatchNorm's count is a Python number, not a buffer: compare it with its running averages
+        if isinstance(m, RunningBatchNorm): parts += [m.running.double().cpu().reshape(-1), torch.tensor([m.count], dtype=torch.float64)]
         else: parts += [b.detach().reshape(-1).double().cpu() for b in m.buffers(recurse=False)]
     return torch.cat(parts)
 

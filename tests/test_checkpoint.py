@@ -24,6 +24,7 @@ from minifast.losses import cross_entropy
 from minifast.learner import (CHECKPOINT_VERSION, Callback, CheckpointError, Learner, SaveCheckpoint, read_checkpoint)
 from minifast.schedule import Recorder, one_cycle
 from minifast.hooks import ActivationStats, BatchTransformXCallback, get_cnn_model, view_tfm
+from minifast.norms import RunningBatchNorm
 
 N_CLASSES, SIDE, N_EPOCHS = 3, 8, 3
 TIMEOUT = 120   # seconds for any one subprocess; they take a few
@@ -356,6 +357,30 @@ def test_a_checkpoint_from_before_versions_still_loads(saved, tmp_path):
     torch.save(old, tmp_path / 'old.pth')
     learn = small_learner(seed=1).load(tmp_path / 'old.pth')
     assert_state_equal(everything(learn), everything(small_learner()))
+
+
+
+def test_a_running_batch_norm_checkpoint_with_the_old_sums_loads_as_averages(tmp_path):
+    "Before its buffer held running averages, RunningBatchNorm saved the lesson's sums; such a checkpoint loads to the same layer."
+    def rbn_learner(seed):
+        set_seed(seed)
+        model = nn.Sequential(nn.Linear(SIDE * SIDE, 8), nn.Unflatten(1, (8, 1, 1)), RunningBatchNorm(8), nn.Flatten(),
+                              nn.Linear(8, N_CLASSES))
+        learn = Learner(model, DataLoaders.from_tensors(*tiny_data(), batch_size=16), cross_entropy, lr=0.1, default_cbs=False)
+        return learn.fit(1)
+    source = rbn_learner(0)
+    ckpt = torch.load(source.save(tmp_path / 'new.pth'), weights_only=True)
+    rbn = source.model[2]
+    assert ckpt['model']['2._extra_state']['running'] == 'averages'
+    ckpt['model']['2.running'] = rbn.running * rbn.count                  # what the layer saved before
+    del ckpt['model']['2._extra_state']['running']
+    torch.save(ckpt, tmp_path / 'old.pth')
+    learn = rbn_learner(1).load(tmp_path / 'old.pth')
+    torch.testing.assert_close(learn.model[2].running, rbn.running)
+    assert learn.model[2].get_extra_state() == rbn.get_extra_state()
+    x = tiny_data()[2]
+    learn.model.eval(); source.model.eval()
+    with torch.no_grad(): torch.testing.assert_close(learn.model(x), source.model(x))
 
 
 # ---------------------------------------------------------------- bad files

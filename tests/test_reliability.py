@@ -799,7 +799,7 @@ def test_running_batch_norm_on_constant_input_is_finite(value, batch_size):
 
 
 def test_compiled_running_batch_norm_matches_the_default_at_batch_size_one():
-    "A batch of one compiles its own kernel: outputs, every gradient and the running sums, through the warm-up and past it."
+    "A batch of one compiles its own kernel: outputs, every gradient and the running averages, through the warm-up and past it."
     torch.manual_seed(0)
     ours, compiled = RunningBatchNorm(3), RunningBatchNorm(3, compiled=True)
     for step in range(25):
