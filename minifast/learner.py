@@ -261,9 +261,8 @@ def _after_fit(self: Learner, error):
 
 # %% ../nbs/03_learner.ipynb #77f1d8d0
 @patch
-def fit(self: Learner, n_epochs: int, cbs=None,
-        resume_from=None): # a checkpoint written by `SaveCheckpoint`: go on from where that fit was
-    "Train for `n_epochs`, with extra callbacks `cbs` attached for this fit only."
+def fit(self: Learner, n_epochs: int, cbs=None, resume_from=None):
+    "Train for `n_epochs`, with extra callbacks `cbs` for this fit only; `resume_from`: a `SaveCheckpoint` file to go on from."
     if len(self.dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
     checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, listify(cbs))
     self.add_cbs(cbs)
