@@ -16,7 +16,7 @@ from minifast.foundations import set_seed
 from minifast.data import DataLoaders
 from minifast.learner import Callback, Learner
 from minifast.hooks import ActivationStats, BatchTransformXCallback, GeneralRelu, Hooks, Lambda, get_cnn_model, init_cnn, view_tfm
-from minifast.gradients import GradientStats, UpdateStats
+from minifast.gradients import GradientStats, UpdateStats, count_edges_below, edge_lookup
 
 SIDE, N_CLASSES = 8, 3
 
@@ -271,6 +271,27 @@ def test_an_output_scaled_by_100_is_above_the_range():
     Learner(model, tiny_dls(), F.cross_entropy, lr=0.01, default_cbs=False, cbs=[stats]).fit(1)
     assert (stats.above_range > 0.9).all(), stats.above_range
     assert stats.hists.sum(-1).max() < 0.1 * stats.stats[0, 0, 2]
+
+
+@pytest.mark.parametrize('bins, hist_range', [(40, (-10., 0.)), (7, (-3.3, 2.1)), (1, (-1., 1.)), (60, (-5., 0.))])
+def test_the_edge_lookup_counts_as_bucketize_does(bins, hist_range):
+    edges = torch.tensor(GradientStats(bins=bins, hist_range=hist_range)._edges)
+    g = torch.Generator().manual_seed(bins)
+    spread = torch.randn(50_000, generator=g).abs() * 10 ** (torch.rand(50_000, generator=g) * 90 - 50)   # 1e-50 .. 1e40
+    near_edges = [edges, torch.nextafter(edges, torch.tensor(0.)), torch.nextafter(edges, torch.tensor(float('inf')))]
+    specials = torch.tensor([0., 1e-45, 1e-40, 1.1754944e-38, 3.4028235e38, float('inf'), float('nan')])
+    values = torch.cat([spread.float(), *near_edges, specials])
+    assert (count_edges_below(values, edge_lookup(edges.tolist())) == torch.bucketize(values, edges, out_int32=True)).all()
+
+
+def test_edges_closer_than_a_cell_fall_back_to_bucketize_with_the_same_counts():
+    "100 bins a decade put neighbouring edges 2% apart, two to a cell: `bucketize` counts, and merged ten bins at a time its counts are the lookup's for 10 bins a decade."
+    dense, sparse = GradientStats(bins=400, hist_range=(-4., 0.)), GradientStats(bins=40, hist_range=(-4., 0.))
+    for stats in (dense, sparse): learner(tiny_cnn(leak=0.1, sub=0.4, maxv=6), [stats]).fit(1)   # same seed, same gradients
+    assert dense._lookup is None and sparse._lookup is not None
+    counts = dense.stats[:, :dense.n_recorded, 3:]
+    merged = torch.cat([counts[..., :2], counts[..., 2:-2].unflatten(-1, (40, 10)).sum(-1), counts[..., -2:]], -1)
+    assert torch.equal(merged, sparse.stats[:, :sparse.n_recorded, 3:])
 
 
 # ---------------------------------------------------------------- TensorBoard
