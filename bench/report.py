@@ -263,9 +263,10 @@ def write_markdown(results, path):
              f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} with "
              f"{m['torch_threads']} threads, Python {m['python']}, {m['platform']}, device `{m['device']}`",
              f"- code: minifast at commit {m['commit']}" + (' with uncommitted changes to minifast/ or nbs/' if m['library_changed'] else ''),
-             f"- load average (1, 5, 15 min) at the start {info['load_start']}, at the end {info['load_end']}"
-             + (' — the machine was busy: the ratios absorb steady load, and the median drops the odd burst, but read them with care'
-                if max(info['load_start'][0], info['load_end'][0]) > 0.75 * m['cores'] else ''),
+             f"- load average (1, 5, 15 min) at the start {info['load_start']}, at the end {info['load_end']} (which counts the "
+             f"bench's own {m['torch_threads']} threads)"
+             + (' — the machine was busy when the run started: the ratios absorb steady load, and the median drops the odd burst, '
+                'but read them with care' if info['load_start'][0] > 0.5 * m['cores'] else ''),
              *[f"- the rows of the measures {', '.join(r['measures'])} come from a later run, `{r['command']}` on {r['date']} "
                f"(commit {r['commit']}), which replaced the complete run's" for r in info.get('replaced', [])],
              f"- {len(met) - len(missed)} of {len(met)} targets met" + (': misses ' + ', '.join(f"{c['arm']} at {c['batch_size']}" for c in missed) if missed else ''), '',
