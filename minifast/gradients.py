@@ -31,7 +31,7 @@ def _just_below(power):
     return torch.nextafter(smallest, torch.tensor(0.)).item()
 
 # %% ../nbs/08_gradients.ipynb #2facd9c3
-_CELL_BITS = 20   # a float32's top 12 bits (sign, exponent, 3 bits of mantissa) name a cell an eighth of an octave wide
+_CELL_BITS = 20   # a float32's top 12 bits (sign, exponent, 3 bits of mantissa) name a cell: an eighth of a power of two
 
 def edge_lookup(edges, device=None) -> tuple:
     "For sorted float32 `edges` ≥ 0: how many edges lie below each cell, and the edges' bits (then the largest int32); None if a cell holds two."
@@ -81,7 +81,7 @@ def before_fit(self: GradientStats):
     self._sampling = {}                         # number of values -> the histogram sample's step and size
     self._samples, self._places = [], {}        # this batch's (layer, sample); where their counts go, per batch shape
     self._edge_tensor = torch.tensor(self._edges, device=self.stats.device)
-    self._lookup = edge_lookup(self._edges, self.stats.device)   # None for edges closer than a cell: then `bucketize`
+    self._lookup = edge_lookup(self._edges, self.stats.device)   # None if two edges share a cell: then `bucketize`
     self._grad_hooks = [partial(self._record_grad, layer) for layer in range(len(self._seen))]
 
 @patch
@@ -131,6 +131,7 @@ def _count_samples(self: GradientStats):
     self._batch.view(-1).index_add_(0, bins.add_(places), ones)
     self._samples = []
 
+# %% ../nbs/08_gradients.ipynb #67872e53
 @patch
 def after_batch(self: GradientStats):
     "Count the samples; set each layer's count and the sample's scale-up when they changed (host-side numbers); store the row."
