@@ -36,7 +36,7 @@ _CELL_BITS = 20   # a float32's top 12 bits (sign, exponent, 3 bits of mantissa)
 def edge_lookup(edges, device=None) -> tuple:
     "For sorted float32 `edges` ≥ 0: how many edges lie below each cell, and the edges' bits (then the largest int32); None if a cell holds two."
     bits = torch.tensor(edges, dtype=torch.float32).view(torch.int32)
-    if ((bits[1:] >> _CELL_BITS) == (bits[:-1] >> _CELL_BITS)).any(): return None   # edges too close: use `torch.bucketize`
+    if ((bits[1:] >> _CELL_BITS) == (bits[:-1] >> _CELL_BITS)).any(): return None   # two edges in one cell: the caller uses `torch.bucketize`
     cells = torch.arange(2 ** (31 - _CELL_BITS), dtype=torch.int32) << _CELL_BITS   # the lowest bits of each cell
     below = torch.searchsorted(bits, cells, out_int32=True)
     return below.to(device), torch.cat([bits, torch.tensor([torch.iinfo(torch.int32).max], dtype=torch.int32)]).to(device)

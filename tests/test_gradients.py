@@ -284,7 +284,7 @@ def test_the_edge_lookup_counts_as_bucketize_does(bins, hist_range):
     assert (count_edges_below(values, edge_lookup(edges.tolist())) == torch.bucketize(values, edges, out_int32=True)).all()
 
 
-def test_edges_closer_than_a_cell_fall_back_to_bucketize_with_the_same_counts():
+def test_edges_sharing_a_cell_fall_back_to_bucketize_with_the_same_counts():
     "100 bins a decade put neighbouring edges 2% apart, two to a cell: `bucketize` counts, and merged ten bins at a time its counts are the lookup's for 10 bins a decade."
     dense, sparse = GradientStats(bins=400, hist_range=(-4., 0.)), GradientStats(bins=40, hist_range=(-4., 0.))
     for stats in (dense, sparse): learner(tiny_cnn(leak=0.1, sub=0.4, maxv=6), [stats]).fit(1)   # same seed, same gradients
