@@ -254,10 +254,10 @@ def factor_offset(self: RunningBatchNorm):
     "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5): eval mode is `x * factor + offset`."
     return factor_and_offset(*running_moments(self.running), self.mults, self.adds, self.min_var, self.eps)
 
-def _mults_adds(norm: nn.Module) -> tuple:
-    "`norm.mults, norm.adds`, read from the module's dict without `nn.Module.__getattr__`, whose Python fallback costs as much as a few small ops (bench/README.md)."
+def _tensors(norm: nn.Module) -> tuple:
+    "`norm.mults, norm.adds, norm.running`, read from the module's dicts without `nn.Module.__getattr__`, whose Python fallback costs as much as a few small ops (bench/README.md)."
     params = norm._parameters
-    return params['mults'], params['adds']
+    return params['mults'], params['adds'], norm._buffers['running']
 
 def _note(t: torch.Tensor) -> tuple:
     "Which tensor `t` is, where its data lives and how often it has been changed in place: Python numbers, no device read."
@@ -266,7 +266,7 @@ def _note(t: torch.Tensor) -> tuple:
 @patch
 def eval_inputs(self: RunningBatchNorm):
     "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
-    (mults, adds), running = _mults_adds(self), self._buffers['running']
+    mults, adds, running = _tensors(self)
     key = (_note(running), _note(mults), _note(adds), self.min_var,
            torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
     if key != self._eval_key:
@@ -286,7 +286,7 @@ def forward(self: RunningBatchNorm, x):
     if self.compiled: step = compiled_running_step
     elif min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
     else: step = RunningBatchNormStep.apply
-    (mults, adds), running = _mults_adds(self), self._buffers['running']
+    mults, adds, running = _tensors(self)
     if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, running, share, min_var, self.eps)
     # in float32 for half-precision inputs and layers, like the other norms
     out = step(_stats_input(x), mults.float(), adds.float(), running, share, min_var, self.eps)
