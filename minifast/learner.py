@@ -188,9 +188,10 @@ def _check_finite(self: Learner):
                              "the step was not taken. Lower the learning rate, or pass nonfinite='skip'.")
 
 @patch
-def _all_batches(self: Learner, dl):
+def _all_batches(self: Learner, dl, event: str): # 'before_epoch' or 'before_validate', run first
     self.dl, self.iters = dl, len(dl)
     try:
+        if self(event): return   # a callback asked to skip this pass
         resuming = self._resume_mid_epoch is not None and self.in_train
         for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
     except CancelEpochException: self('after_cancel_epoch')
@@ -273,9 +274,8 @@ def fit(self: Learner, n_epochs: int, cbs=None, resume_from=None):
             self._start_nonfinite_check()   # after before_fit, which may move the model to its device
             first_epoch = 0 if checkpoint is None else self._resume_fit(checkpoint)
             for self.epoch in range(first_epoch, n_epochs):
-                if not self('before_epoch'): self._all_batches(self.dls.train)
-                with torch.no_grad():
-                    if not self('before_validate'): self._all_batches(self.dls.valid)
+                self._all_batches(self.dls.train, 'before_epoch')
+                with torch.no_grad(): self._all_batches(self.dls.valid, 'before_validate')
                 self('after_epoch')
         except CancelTrainException: self('after_cancel_train'); self._raise_if_nonfinite()
     except BaseException as e:
