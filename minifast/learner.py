@@ -317,14 +317,20 @@ class MetricsCallback(Callback):
 
     def before_fit(self):
         self.history = []
+        self._new_epoch()
         if self.printer is not None: self.printer('epoch ' + ' '.join(f'train_{n} valid_{n}' for n in self.metric_names))
 
     def _reset(self):
         self._sums, self._count = None, 0
 
-    def before_epoch(self): self._reset()
+    def _new_epoch(self):
+        self._reset()
+        self._train_sums, self._train_count, self._validating = None, 0, False
+
+    def before_epoch(self): self._new_epoch()
     def before_validate(self):
-        self._train_sums, self._train_count = self._sums, self._count
+        "Keep the training pass's sums; start the validation pass's."
+        self._train_sums, self._train_count, self._validating = self._sums, self._count, True
         self._reset()
 
     def before_batch(self): self._cancelled = False
@@ -348,6 +354,7 @@ class MetricsCallback(MetricsCallback):
         return [None] * len(self.metric_names) if sums is None else (sums / count).tolist()
 
     def after_epoch(self):
+        if not self._validating: self.before_validate()   # an earlier callback cancelled validation before this one saw it
         train = self._averages(self._train_sums, self._train_count)
         valid = self._averages(self._sums, self._count)
         row = {'epoch': self.learn.epoch}
@@ -356,6 +363,7 @@ class MetricsCallback(MetricsCallback):
         if self.printer is not None:
             fmt = lambda x: '-' if x is None else f'{x:.4f}'
             self.printer(f'{self.learn.epoch:5d} ' + ' '.join(f'{fmt(t)} {fmt(v)}' for t, v in zip(train, valid)))
+        self._new_epoch()   # so that the next epoch starts clean even if an earlier callback cancels it in before_epoch
 
 # %% ../nbs/03_learner.ipynb #6c956536
 def progress_wanted() -> bool:

@@ -230,6 +230,27 @@ def test_callback_error_names_the_callback_and_event(event):
     assert first.n_after_fit == last.n_after_fit == 1
 
 
+
+@pytest.mark.parametrize('event', ['before_epoch', 'before_validate'])
+def test_cancel_epoch_before_a_pass_skips_only_that_pass(event):
+    "A `CancelEpochException` from a pass's first event ends that pass, as one from a batch does, and the fit goes on."
+    class CancelPass(Callback):
+        def __init__(self): self.seen = []
+    for e in ('before_epoch', 'before_validate', 'before_batch', 'after_cancel_epoch', 'after_epoch', 'after_fit'):
+        def handler(self, e=e):
+            self.seen.append((e, self.learn.in_train) if e == 'before_batch' else e)
+            if e == event: raise learner_module.CancelEpochException()
+        setattr(CancelPass, e, handler)
+    cb = CancelPass()
+    learn = Learner(nn.Linear(SIDE * SIDE, N_CLASSES), tiny_dls(), cross_entropy, cbs=cb)   # with the default callbacks
+    learn.fit(2)
+    per_epoch = [e for e in cb.seen if e != 'after_fit']
+    assert cb.seen[-1] == 'after_fit' and per_epoch.count('after_cancel_epoch') == 2 and per_epoch.count('after_epoch') == 2
+    trained = [e for e in cb.seen if e == ('before_batch', True)]
+    validated = [e for e in cb.seen if e == ('before_batch', False)]
+    assert (len(trained), len(validated)) == ((0, 2) if event == 'before_epoch' else (6, 0))   # 48 and 16 images, batches of 16
+    assert len(learn.metrics.history) == 2
+
 class FailingAfterFit(Callback):
     _order = 0
     def __init__(self, exc): self.exc = exc
