@@ -350,8 +350,7 @@ class MetricsCallback(MetricsCallback):
             self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
 
-    def _averages(self, sums, count):
-        return [None] * len(self.metric_names) if sums is None else (sums / count).tolist()
+    def _averages(self, sums, count): return [None] * len(self.metric_names) if sums is None else (sums / count).tolist()
 
     def after_epoch(self):
         if not self._validating: self.before_validate()   # an earlier callback cancelled validation before this one saw it
