@@ -159,7 +159,7 @@ _bn_backward = torch.ops.aten.native_batch_norm_backward.default
 
 # %% ../nbs/07_batchnorm.ipynb #c3a3b454
 class RunningBatchNormStep(torch.autograd.Function):
-    "A training step of `RunningBatchNorm` after the warm-up, with a backward pass written out so that it costs less than autograd's (bench/RESULTS.md: 2.36 times nn.BatchNorm2d's at batch size 2)."
+    "A training step of `RunningBatchNorm` after the warm-up, with a backward pass written out so that it costs less than autograd's (bench/README.md has the figures)."
     @staticmethod
     def forward(ctx, x, mults, adds, running, share: float, min_var: float, eps: float):
         "Fold the batch into the running averages `running` (in place), then normalise `x` with them."

@@ -230,7 +230,6 @@ def test_callback_error_names_the_callback_and_event(event):
     assert first.n_after_fit == last.n_after_fit == 1
 
 
-
 @pytest.mark.parametrize('event', ['before_epoch', 'before_validate'])
 def test_cancel_epoch_before_a_pass_skips_only_that_pass(event):
     "A `CancelEpochException` from a pass's first event ends that pass, as one from a batch does, and the fit goes on."
@@ -250,6 +249,7 @@ def test_cancel_epoch_before_a_pass_skips_only_that_pass(event):
     validated = [e for e in cb.seen if e == ('before_batch', False)]
     assert (len(trained), len(validated)) == ((0, 2) if event == 'before_epoch' else (6, 0))   # 48 and 16 images, batches of 16
     assert len(learn.metrics.history) == 2
+
 
 class FailingAfterFit(Callback):
     _order = 0
