@@ -1,4 +1,5 @@
 """Turns bench/run.py's results into RESULTS.md and results.png."""
+import math
 import statistics
 import matplotlib
 matplotlib.use('Agg')
@@ -37,7 +38,13 @@ WHY_MISSED = {
 NOISY = ('On 2026-11-29 an earlier full run of the same code, which crashed before writing its results, read this row '
          '0.1 to 0.2 lower, and the rounds of this run spread widely: at this precision the machine, not the code, decides '
          'the verdict. bench/README.md says what the row costs and what was tried.')
-for _key in [('loop', 'Learner.fit', 512), ('loop', 'Learner.fit', 32), ('grads', 'with GradientStats', 32),
+WHY_MISSED[('loop', 'Learner.fit', 32)] = (
+    'Not noise: the training metrics. `MetricsCallback` averages the loss and the accuracy of every training batch on '
+    'the device, which the hand-written loop does not do; at about 2 ms a batch, the accuracy (argmax, compare, cast, '
+    'mean: four small ops that start cold after the optimiser step) and the stack and add that keep the sums cost 3 to 4%. '
+    'The rows "loss only" and "no MetricsCallback" in the results table take them away one at a time; the rest of the Learner (event '
+    'dispatch, the non-finite check) is what separates "no MetricsCallback" from 1.00. bench/README.md has the details.')
+for _key in [('loop', 'Learner.fit', 512), ('grads', 'with GradientStats', 32),
              ('grads', 'with UpdateStats', 32), ('grads', 'with UpdateStats', 512), ('layer', 'RunningBatchNorm, eval mode', 1024)]:
     WHY_MISSED.setdefault(_key, NOISY)
 PEER_NAMES = ('course-v3 (2019)', 'miniai (2022)')
@@ -108,7 +115,8 @@ def raw_tables(comparisons):
                   '| arm | ' + ' | '.join(f'round {r + 1}' for r in range(len(seconds[0]))) + ' | warm-up | valid loss |',
                   '|---|' + '---:|' * (len(seconds[0]) + 2)]
         for arm, secs, warmup, loss in zip(arms, seconds, warmups, losses):
-            loss_text = f'{loss[0]:.4f}' if max(loss) - min(loss) < 1e-6 else f'{min(loss):.4f}–{max(loss):.4f}'
+            if all(math.isnan(v) for v in loss): loss_text = '– (not recorded)'
+            else: loss_text = f'{loss[0]:.4f}' if max(loss) - min(loss) < 1e-6 else f'{min(loss):.4f}–{max(loss):.4f}'
             warmup_text = '' if warmup is None else f'{warmup:.2f}'
             lines.append(f'| {arm} | ' + ' | '.join(f'{s:.3f}' for s in secs) + f' | {warmup_text} | {loss_text} |')
     return lines
@@ -247,6 +255,17 @@ def profile_section(profiles):
     return lines + ['']
 
 
+def _replacements(replaced):
+    "One line per later run whose rows are still in the results: a measure replaced twice names only its last run."
+    lines = []
+    for i, r in enumerate(replaced):
+        later = {m for r2 in replaced[i + 1:] for m in r2['measures']}
+        if kept := [m for m in r['measures'] if m not in later]:
+            lines.append(f"- the rows of the measures {', '.join(kept)} come from a later run, `{r['command']}` on {r['date']} "
+                         f"(commit {r['commit']}), which replaced the complete run's")
+    return lines
+
+
 def write_markdown(results, path):
     info, comparisons = results['info'], results['comparisons']
     m = info['machine']
@@ -267,8 +286,7 @@ def write_markdown(results, path):
              f"bench's own {m['torch_threads']} threads)"
              + (' — the machine was busy when the run started: the ratios absorb steady load, and the median drops the odd burst, '
                 'but read them with care' if info['load_start'][0] > 0.5 * m['cores'] else ''),
-             *[f"- the rows of the measures {', '.join(r['measures'])} come from a later run, `{r['command']}` on {r['date']} "
-               f"(commit {r['commit']}), which replaced the complete run's" for r in info.get('replaced', [])],
+             *_replacements(info.get('replaced', [])),
              f"- {len(met) - len(missed)} of {len(met)} targets met" + (': misses ' + ', '.join(f"{c['arm']} at {c['batch_size']}" for c in missed) if missed else ''), '',
              '## Method', '',
              '- Fashion-MNIST, normalised with the training set\'s mean and std (`normalize_to_train`); the lesson\'s CNN '
@@ -280,7 +298,9 @@ def write_markdown(results, path):
              '`Learner.fit(1)` runs with its default callbacks (TrainEvalCallback; MetricsCallback, averaging loss and accuracy '
              'over training and validation batches on the device, its two printed lines turned off; no progress bar: '
              '`MINIFAST_PROGRESS=0`), plus `DeviceCallback` and `BatchTransformXCallback(view_tfm(1, 28, 28))`. The hand-written loop does '
-             'the same `.to(device)` and `.view`, and sums validation loss and accuracy on the device.',
+             'the same `.to(device)` and `.view`, and sums validation loss and accuracy on the device, but computes no training '
+             'metrics. At batch size 32 two more arms say what those cost: "loss only" (`metrics=None`: `MetricsCallback` averages the '
+             'loss alone) and "no MetricsCallback" (`default_cbs=False`; its validation loss is not recorded).',
              f"- Interleaved: in each of {info['rounds']} rounds every arm of a comparison trains one epoch, in an order that rotates "
              'from round to round (A, B then B, A), after one untimed warm-up on three batches. A figure is the **median over rounds '
              'of (arm seconds / reference seconds in the same round)**; the raw seconds are below.',

@@ -9,7 +9,7 @@ arm seconds / reference seconds in the same round, so a slow spell on a busy mac
 A full run writes bench/RESULTS.md and bench/results.png (committed); other runs (--quick, --only)
 write to bench/out/ (ignored by git) unless --out says otherwise. Raw data: results.json beside them.
 """
-import argparse, datetime, gc, json, os, platform, signal, statistics, subprocess, sys, tempfile, time, weakref
+import argparse, datetime, gc, json, math, os, platform, signal, statistics, subprocess, sys, tempfile, time, weakref
 from functools import partial
 from pathlib import Path
 
@@ -53,6 +53,9 @@ NORMS = {
     'InstanceNorm': InstanceNorm,
     'RunningBatchNorm': RunningBatchNorm,
 }
+
+# Learner.fit at batch size 32 with less of what the hand-written loop does not do: the training metrics
+LOOP_LOSS_ONLY, LOOP_NO_METRICS = 'Learner.fit, loss only', 'Learner.fit, no MetricsCallback'
 
 # RunningBatchNorm training through torch.compile: measured next to the default, as the notebook's opt-in
 RBN_COMPILED = 'RunningBatchNorm(compiled=True)'
@@ -121,16 +124,16 @@ class PhaseTimer(Callback):
     def after_epoch(self): self.valid_s = time.perf_counter() - self.start
 
 
-def learner_arm(batch_size, norm=None, extra_cbs=list):
-    "`Learner.fit(1)` with its default callbacks, plus what the CNN needs and `extra_cbs()`."
+def learner_arm(batch_size, norm=None, extra_cbs=list, metrics=accuracy, default_cbs=True):
+    "`Learner.fit(1)` with its default callbacks, plus what the CNN needs and `extra_cbs()`; the valid loss is NaN without `MetricsCallback`."
     def prepare(batches):
         timer = PhaseTimer()
-        learn = Learner(fresh_model(norm), batches, F.cross_entropy, lr=LR[batch_size], metrics=accuracy,
+        learn = Learner(fresh_model(norm), batches, F.cross_entropy, lr=LR[batch_size], metrics=metrics, default_cbs=default_cbs,
                         cbs=[DeviceCallback(DEVICE), BatchTransformXCallback(view_tfm(1, 28, 28)), timer, *extra_cbs()])
-        learn.metrics.printer = None  # the history is still kept; we only skip two print() calls
+        if default_cbs: learn.metrics.printer = None  # the history is still kept; we only skip two print() calls
         def run():
             learn.fit(1)
-            return learn.metrics.history[-1]['valid_loss'], (timer.train_s, timer.valid_s)
+            return learn.metrics.history[-1]['valid_loss'] if default_cbs else math.nan, (timer.train_s, timer.valid_s)
         return run
     return prepare
 
@@ -228,8 +231,11 @@ def compare_at(measure, reference, make_arms, data, sizes, rounds, log, batch_si
 
 
 def measure_loop(data, sizes, rounds, log):
-    "1. `Learner.fit` against a hand-written loop over the same batches."
-    arms = lambda bs: {'hand-written loop': loop_arm(bs), 'Learner.fit': learner_arm(bs)}
+    """1. `Learner.fit` against a hand-written loop over the same batches; at batch size 32 also without the accuracy metric
+    (`MetricsCallback` averages the loss alone) and without `MetricsCallback`, to say where the difference goes."""
+    arms = lambda bs: {'hand-written loop': loop_arm(bs), 'Learner.fit': learner_arm(bs),
+                       **({LOOP_LOSS_ONLY: learner_arm(bs, metrics=None), LOOP_NO_METRICS: learner_arm(bs, default_cbs=False)}
+                          if bs == 32 else {})}
     return compare_at('loop', 'hand-written loop', arms, data, sizes, rounds, log)
 
 
