@@ -62,7 +62,8 @@ class GradientStats(ActivationStats):
         if hist_sample is not None and hist_sample < 1: raise ValueError(f"GradientStats: hist_sample must be None or ≥ 1, got {hist_sample}")
         self.modules, self.every, self.bins, self.hist_range, self.hist_sample = modules, every, bins, (low, high), hist_sample
         width = (high - low) / bins
-        # the row's counts: exact zeros, then as in ActivationStats below the range, the bins, above it; last the NaNs
+        # a row per layer and batch: sum, sum of squares and number of the values, then the counts: exact zeros, then,
+        # as in ActivationStats, below the range, the bins, above it; last the NaNs
         self._n_counts = bins + 4
         # |g| goes to count k when k of these lie below it: 0, then 10**edge for each bin edge, then +inf
         self._edges = [0.] + [_just_below(low + k * width) for k in range(bins + 1)] + [math.inf]

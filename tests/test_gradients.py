@@ -316,6 +316,19 @@ def test_activation_stats_tensorboard_export_reads_back(tmp_path):
             assert got == pytest.approx(values[layer].tolist(), rel=1e-6, abs=1e-9)
 
 
+def test_gradient_and_update_stats_export_steps_as_index_times_every(tmp_path):
+    "08 states the rule: a recorded batch's TensorBoard step is its index times `every`, for both callbacks."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, HISTOGRAMS, SCALARS
+    grads, updates = GradientStats(every=2), UpdateStats(every=2)
+    learner(tiny_cnn(leak=0.1, sub=0.4, maxv=6), [grads, updates]).fit(2)
+    assert grads.n_recorded == updates.n_recorded == 3
+    for stats, tag in ((grads, 'gradients/layer 0'), (updates, 'updates/0.0.weight/update_ratio')):
+        events = EventAccumulator(str(stats.to_tensorboard(tmp_path / tag.split('/')[0])), size_guidance={HISTOGRAMS: 0, SCALARS: 0})
+        events.Reload()
+        records = events.Histograms(tag) if stats is grads else events.Scalars(tag)
+        assert [r.step for r in records] == [0, 2, 4]
+
+
 def test_without_tensorboard_import_works_and_export_says_what_to_install(monkeypatch, tmp_path):
     blocked = "import sys; sys.modules['tensorboard'] = None; sys.modules['torch.utils.tensorboard'] = None\n"
     out = subprocess.run([sys.executable, '-c', blocked + 'import minifast, minifast.gradients; print("ok")'],
