@@ -54,6 +54,7 @@ class ShardedLoader:
         for i in range(len(dl)):
             lo, hi = i * bs, min((i + 1) * bs, n)
             start, end = shard_bounds(hi - lo, self.rank, self.world_size)
+            self.global_batch_size = hi - lo   # the host knows it: `DistributedCallback` passes it on to the norm layers
             if order is None: yield dl.x[lo + start:lo + end], dl.y[lo + start:lo + end]
             else:
                 idx = order[lo + start:lo + end]
@@ -81,9 +82,9 @@ def is_distributed() -> bool:
 _SYNCED = ()  # the synced norm layers, defined further down
 
 def unsynced_norms(model: nn.Module) -> list:
-    "Names of `model`'s layers that normalise with batch statistics in training but do not sync them across ranks."
+    "Names of `model`'s layers that normalise with batch statistics in training but do not sync them across ranks (`nn.SyncBatchNorm` does)."
     kinds = (nn.modules.batchnorm._BatchNorm, BatchNorm, RunningBatchNorm)
-    return [f'{name} ({type(m).__name__})' for name, m in model.named_modules() if isinstance(m, kinds) and not isinstance(m, _SYNCED)]
+    return [f'{name} ({type(m).__name__})' for name, m in model.named_modules() if isinstance(m, kinds) and not isinstance(m, (*_SYNCED, nn.SyncBatchNorm))]
 
 def _teardown_group():
     if dist.is_initialized(): dist.destroy_process_group()
@@ -122,7 +123,8 @@ def before_fit(self: DistributedCallback):
     unsynced = unsynced_norms(learn.model)
     if unsynced and self.world_size > 1:
         warnings.warn(f"DistributedCallback: {', '.join(unsynced)} normalise with this rank's share of the batch only; "
-                      "call sync_norms(model) before the fit to use the statistics of the global batch")
+                      "call sync_norms(model) before the fit to use the statistics of the global batch (it converts "
+                      "BatchNorm, nn.BatchNorm2d and RunningBatchNorm; on CUDA, nn.SyncBatchNorm covers the other batch norms)")
     self.dls = learn.dls
     learn.dls = DataLoaders(*(ShardedLoader(dl, self.rank, self.world_size, self.seed) for dl in (self.dls.train, self.dls.valid)))
     if self.rank != 0:   # one voice: only rank 0 prints
@@ -136,10 +138,15 @@ def before_epoch(self: DistributedCallback):
     for dl in (self.learn.dls.train, self.learn.dls.valid): dl.epoch = self.learn.epoch
 
 # %% ../nbs/09_distributed.ipynb #4e14eeef
+_batch_in_flight = None   # (global size, this rank's share) of the batch in flight, noted by `DistributedCallback`
+
 @patch
 def before_batch(self: DistributedCallback):
+    "Move the batch to this rank's device, and note its global size for `SyncedRunningBatchNorm` (below)."
+    global _batch_in_flight
     learn = self.learn
     if self.device.type != 'cpu': learn.xb, learn.yb = learn.xb.to(self.device), learn.yb.to(self.device)
+    _batch_in_flight = (getattr(learn.dl, 'global_batch_size', None), len(learn.xb))
 
 # %% ../nbs/09_distributed.ipynb #d024
 @patch
@@ -186,6 +193,8 @@ def _reduce_activation_stats(self: DistributedCallback):
 @patch
 def after_fit(self: DistributedCallback):
     "Unwrap the model, put back the data and printers; sum statistics after a clean fit, tear down after an error."
+    global _batch_in_flight
+    _batch_in_flight = None
     error = sys.exc_info()[1]   # `after_fit` runs inside the fit's `except` block when the fit failed
     learn, failed = self.learn, error is not None and error is not self._outer_error
     learn.model = unwrap(learn.model)
@@ -279,6 +288,16 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
                                   self.running_var if track else None, mom, self.eps)
 
 # %% ../nbs/09_distributed.ipynb #d041
+def _global_batch_size(stats, local_size: int, n_channels: int) -> int:
+    "The global batch size: as `DistributedCallback` noted it if `local_size` is this rank's share of that batch, else read from `stats`."
+    size, share = _batch_in_flight or (None, None)
+    if size is not None and share == local_size: return size
+    return _read_batch_size(stats, n_channels)
+
+def _read_batch_size(stats, n_channels: int) -> int:
+    "The all-reduced batch size in `_global_sums`' result, read back to the host: a synchronisation on a GPU."
+    return round(stats[2 * n_channels].item())
+
 class SyncedRunningBatchNorm(RunningBatchNorm):
     "`RunningBatchNorm` folding the global batch into its running statistics; momentum and count from the global batch size."
     def forward(self, x):
@@ -286,8 +305,9 @@ class SyncedRunningBatchNorm(RunningBatchNorm):
         _check_input(self, x, self.n_channels)
         C = self.n_channels
         stats = _global_sums(x)
-        batch_size, items = stats[2 * C:].tolist()   # one host read per layer and step: count and momentum are Python numbers
-        share = self.count_batch(round(batch_size), items)
+        batch_size = _global_batch_size(stats, x.shape[0], C)   # count and momentum are Python numbers
+        items = batch_size * (x.numel() // (x.shape[0] * C))   # every rank's maps have the same size
+        share = self.count_batch(batch_size, items)
         new = torch.lerp(self.running.float(), _times(stats[:2 * C].view(2, C), 1 / items), share)   # the global averages
         self.running.copy_(new.detach())
         factor, offset = factor_and_offset(*running_moments(new), self.mults.float(), self.adds.float(),

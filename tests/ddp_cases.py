@@ -20,6 +20,7 @@ from minifast.learner import Callback, Learner, NonFiniteLossError
 from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, view_tfm
 from minifast.lr_finder import EarlyStoppingCallback, lr_find
 from minifast.norms import BatchNorm, RunningBatchNorm, get_norm_cnn
+from minifast import distributed
 from minifast.distributed import DistributedCallback, sync_norms
 
 IN_GROUP = 'WORLD_SIZE' in os.environ   # started by torchrun
@@ -83,10 +84,14 @@ def run_equivalence(case, out):
     "10 steps (one epoch) and a validation pass; on `plain32` also a checkpoint and what each rank printed."
     recorder, stats = StepRecorder(), ActivationStats(hist_sample=None)
     learn = make_learner(case, cbs=[recorder, stats])
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed): learn.fit(1)
+    printed, host_reads = io.StringIO(), []
+    read = distributed._read_batch_size   # the synced RunningBatchNorm's fallback when no callback noted the batch size
+    distributed._read_batch_size = lambda *args: (host_reads.append(1), read(*args))[1]
+    try:
+        with contextlib.redirect_stdout(printed): learn.fit(1)
+    finally: distributed._read_batch_size = read
     result = dict(states=torch.stack(recorder.states), history=learn.metrics.history, printed=printed.getvalue(),
-                  act_sums=stats._recorded()[0], act_counts=stats._recorded()[2])   # on the CPU
+                  act_sums=stats._recorded()[0], act_counts=stats._recorded()[2], host_reads=len(host_reads))   # on the CPU
     if case == 'plain32' and IN_GROUP:
         saves = []
         real_save = torch.save
