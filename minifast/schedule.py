@@ -101,7 +101,9 @@ class Recorder(Callback):
         self._losses.append(learn.loss.detach())
 
     @property
-    def lrs(self) -> list: return self.params['lr'][-1]
+    def lrs(self) -> list:
+        "The learning rates of the last param group (the head's, with a splitter), as the lesson's `Recorder` kept them."
+        return self.params['lr'][-1]
 
     @property
     def losses(self) -> torch.Tensor:
@@ -139,8 +141,12 @@ def plot_loss(self: Recorder, skip_last: int = 0):
     return fig
 
 # %% ../nbs/04_schedule.ipynb #b0040ca9
-def one_cycle(lr_max: float, pct_start: float = 0.3, div_start: float = 10., div_end: float = 1e3,
-              moms=(0.95, 0.85, 0.95), param_name_mom: str = 'momentum'):
+def one_cycle(lr_max: float, # the peak learning rate
+              pct_start: float = 0.3, # the share of the fit spent warming up
+              div_start: float = 10., # start at `lr_max / div_start`
+              div_end: float = 1e3, # end at `lr_max / div_end`
+              moms=(0.95, 0.85, 0.95), # momentum at the start, at the peak and at the end; None leaves it alone
+              param_name_mom: str = 'momentum'): # the param-group key that holds the momentum
     "`ParamScheduler`s for a one-cycle fit: cosine lr warm-up to `lr_max` then down, momentum the other way."
     lr = combine_scheds([pct_start, 1 - pct_start], [sched_cos(lr_max / div_start, lr_max), sched_cos(lr_max, lr_max / div_end)])
     cbs = [ParamScheduler('lr', lr)]
