@@ -28,7 +28,7 @@ def by_size(quick, full):
 
 # %% ../nbs/00_foundations.ipynb #d6dba584
 def set_seed(seed: int):
-    "Seed Python, NumPy (if installed) and PyTorch, so a run on the CPU repeats bit for bit."
+    "Seed Python, NumPy (if installed) and PyTorch, so that a run repeats on the same machine and thread count."
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -56,7 +56,9 @@ def camel2snake(name: str) -> str:
 # %% ../nbs/00_foundations.ipynb #6f0e4e50
 def variance(t: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
     "Population variance (divide by n), by the stable two-pass formula; over all elements or along `dim`."
-    if dim is None: return ((t - t.mean())**2).mean()
+    if dim is None:
+        over_all = ((t - t.mean())**2).mean()
+        return over_all.reshape((1,) * t.ndim) if keepdim else over_all
     return ((t - t.mean(dim, keepdim=True))**2).mean(dim, keepdim=keepdim)
 
 def std(t: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
