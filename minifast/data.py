@@ -88,8 +88,9 @@ def _dataset(name):
     return DATASETS[name]
 
 def candidate_dirs(name: str, path=None) -> list:
-    "The folders searched for data set `name`, in order."
-    dirs = [Path(path)] if path is not None else []
+    "The folders searched for data set `name`, in order: only `path` when one is given."
+    if path is not None: return [Path(path)]   # an explicit path is a promise: nowhere else
+    dirs = []
     if os.environ.get('MINIFAST_DATA'):
         env = Path(os.environ['MINIFAST_DATA'])
         dirs += [env/name, env]
@@ -236,7 +237,8 @@ class DataLoader:
         if not self.shuffle:
             for i in range(n): yield self.x[i*bs:(i+1)*bs], self.y[i*bs:(i+1)*bs]
             return
-        order = torch.randperm(len(self.x), generator=self.generator, device=self.x.device)
+        gen = self.generator   # a generator draws on its own device; the order then moves to the data's
+        order = torch.randperm(len(self.x), generator=gen, device=gen.device if gen else self.x.device).to(self.x.device)
         for i in range(n):
             idx = order[i*bs:(i+1)*bs]
             yield self.x[idx], self.y[idx]

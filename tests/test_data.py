@@ -35,9 +35,10 @@ def test_candidate_dirs_order(tmp_path, monkeypatch):
     cache = tmp_path/'xdg-cache'/'minifast'/NAME
     assert cache_dir(NAME) == cache
     assert candidate_dirs(NAME) == [cache, tmp_path/'system']
-    assert candidate_dirs(NAME, explicit) == [explicit, cache, tmp_path/'system']
+    assert candidate_dirs(NAME, explicit) == [explicit]          # an explicit path is the only place looked
     monkeypatch.setenv('MINIFAST_DATA', str(env))
-    assert candidate_dirs(NAME, explicit) == [explicit, env/NAME, env, cache, tmp_path/'system']
+    assert candidate_dirs(NAME) == [env/NAME, env, cache, tmp_path/'system']
+    assert candidate_dirs(NAME, explicit) == [explicit]
     monkeypatch.setenv('MINIFAST_DATA', '')                     # empty means unset
     assert candidate_dirs(NAME) == [cache, tmp_path/'system']
 
@@ -80,6 +81,13 @@ def test_incomplete_folders_are_skipped(tmp_path, monkeypatch):
     assert find_data_dir(NAME) == cache
     (cache/FILES[0]).unlink(); (cache/FILES[0]).mkdir()          # a folder with a data file's name does not count
     assert find_data_dir(NAME) is None
+
+
+def test_explicit_path_has_no_fallback(tmp_path):
+    "find_data_dir with a path that lacks the files finds nothing, though the cache holds a copy."
+    fill(cache_dir(NAME))
+    assert find_data_dir(NAME) == cache_dir(NAME)
+    assert find_data_dir(NAME, fill(tmp_path/'explicit', FILES[:2])) is None
 
 
 def test_explicit_path_missing_files(tmp_path):
