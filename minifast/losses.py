@@ -94,6 +94,8 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x - logsumexp(x, dim=dim, keepdim=True)
 
 # %% ../nbs/02_losses.ipynb #85c2d213
+_NO_LABEL_IGNORED = -2**63   # F.cross_entropy leaves labels equal to ignore_index (default -100) out of the mean
+
 def _check_labels(fn, targets, n_classes):
     if targets.device.type != 'cpu' or targets.numel() == 0: return  # no host sync for a value check on a device
     lowest, highest = (int(v) for v in targets.aminmax())
@@ -107,4 +109,4 @@ def cross_entropy(logits: torch.Tensor,  # raw model outputs, (batch, n_classes)
     "Single-label loss: mean cross-entropy of softmax(logits), checked, then computed by `F.cross_entropy`."
     _check_class_targets('cross_entropy', logits, targets)
     _check_labels('cross_entropy', targets, logits.shape[1])
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, ignore_index=_NO_LABEL_IGNORED)
