@@ -1,10 +1,15 @@
 # minifast: one entry point for set-up, the course, the docs site and the tests.
 #   make course   run every notebook at full size and save its outputs
 #   make docs     make course, then build the static site into _docs/
+#   make site     build the site into _docs/ from the outputs already saved in nbs/ (runs no notebook)
+#   make lab      JupyterLab on nbs/ with the project's environment
 #   make test     clean/export checks, every notebook at quick size, pytest (the site, the package...)
 #   make dist     the sdist and the wheel into dist/ (what .github/workflows/release.yml publishes)
 #   make ddp      train the lesson's CNN data-parallel, two processes (examples/train_ddp.py)
 #   make gpu-check  the checks that need a GPU, with a report (exits 0 where there is none)
+#   make bench    the benchmarks, into bench/RESULTS.md (about 20 minutes; see bench/README.md)
+#   make setup    only the virtual environment, .venv/;  make data  only the data;  make clean  removes what was built
+#   make tensorboard  TensorBoard on the logs notebook 08 writes
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
@@ -12,13 +17,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.minifast-installed
 
-.PHONY: setup data course docs dist test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check tensorboard
+.PHONY: setup data course docs site dist test check-clean check-export nbtest pytest lab bench clean browser ddp gpu-check tensorboard
 
 # --- set-up -----------------------------------------------------------------
 $(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, on its own, so that nothing pulls a multi-GB CUDA build
+	# torch first, on its own, as pip's index offers it: on Linux, PyPI's wheel is the multi-GB CUDA build, and
+	# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (as in CI) gives the CPU build instead
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements/dev.txt
 	$(BIN)/pip install -q --no-deps -e .
@@ -30,14 +36,14 @@ $(STAMP): pyproject.toml requirements/dev.txt
 setup: $(STAMP)
 
 # Fashion-MNIST from Debian where we are root on a system with apt; otherwise
-# minifast's loader finds or downloads it (see nbs/01_data.ipynb).
+# minifast's loader finds it or downloads it into the cache (see nbs/01_data.ipynb).
 data: $(STAMP)
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing dataset-fashion-mnist with apt-get"; \
 	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
 	fi
-	$(BIN)/python -c "from minifast.data import find_data_dir; print('data:', find_data_dir('fashion_mnist'))"
+	$(BIN)/python -c "from minifast.data import get_data_dir; print('data:', get_data_dir('fashion_mnist'))"
 
 # --- the course and the site --------------------------------------------------
 # Runs every notebook top to bottom in a fresh kernel and writes the outputs back.
@@ -47,6 +53,9 @@ course: data
 
 # nbdev processes the executed notebooks, Sphinx (myst-nb, sphinx-book-theme) renders them.
 docs: course
+	$(BIN)/python tools/build_docs.py
+
+site: setup
 	$(BIN)/python tools/build_docs.py
 
 dist: setup
