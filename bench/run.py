@@ -234,7 +234,7 @@ def measure_loop(data, sizes, rounds, log):
     """1. `Learner.fit` against a hand-written loop over the same batches; at batch size 32 also without the accuracy metric
     (`MetricsCallback` averages the loss alone) and without `MetricsCallback`, to say where the difference goes."""
     arms = lambda bs: {'hand-written loop': loop_arm(bs), 'Learner.fit': learner_arm(bs),
-                       **({LOOP_LOSS_ONLY: learner_arm(bs, metrics=None), LOOP_NO_METRICS: learner_arm(bs, default_cbs=False)}
+                       **({LOOP_LOSS_ONLY: learner_arm(bs, metrics=None), LOOP_NO_METRICS: learner_arm(bs, metrics=None, default_cbs=False)}
                           if bs == 32 else {})}
     return compare_at('loop', 'hand-written loop', arms, data, sizes, rounds, log)
 

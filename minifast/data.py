@@ -14,6 +14,7 @@ import gzip, hashlib, http.client, os, struct, tempfile, urllib.error, urllib.re
 from math import prod
 from pathlib import Path
 import torch
+from .foundations import new_file_mode
 import matplotlib.pyplot as plt
 
 # %% ../nbs/01_data.ipynb #582e8a3f
@@ -123,7 +124,7 @@ def download_file(url: str, dest, sha256: str, timeout: float = 30.0, chunk_size
             raise DownloadError(f"{url}: connection ended after {n_bytes:,} of {int(expected_len):,} bytes")
         if digest.hexdigest() != sha256:
             raise DownloadError(f"{url}: sha256 mismatch, expected {sha256}, got {digest.hexdigest()}")
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a data file is not a secret
+        os.chmod(tmp_name, new_file_mode())  # mkstemp makes it private; a data file is not a secret
         os.replace(tmp_name, dest)
         return dest
     except DownloadError: raise

@@ -19,7 +19,7 @@ from torch import nn
 from fastprogress.fastprogress import master_bar, progress_bar
 from fastcore.basics import patch
 from . import __version__
-from .foundations import camel2snake, listify
+from .foundations import camel2snake, listify, new_file_mode
 
 # %% ../nbs/03_learner.ipynb #d80b907a
 class CancelTrainException(Exception): "Raise in a callback to stop the whole fit (then `after_cancel_train`, `after_fit`)."
@@ -27,7 +27,7 @@ class CancelEpochException(Exception): "Raise in a callback to end the current t
 class CancelBatchException(Exception): "Raise in a callback to skip the rest of the current batch."
 
 class NonFiniteLossError(FloatingPointError):
-    "The training loss was NaN or infinite; no non-finite value reached the weights."
+    "The training loss was NaN or infinite; no step was taken on it."
 
 EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_loss', 'after_backward',
           'after_step', 'after_batch', 'before_validate', 'after_epoch', 'after_fit',
@@ -75,6 +75,9 @@ class Learner:
                  default_cbs: bool = True): # add `MetricsCallback` and, in notebooks, `ProgressCallback`
         if nonfinite not in ('raise', 'skip', 'ignore'):
             raise ValueError(f"Learner: nonfinite must be 'raise', 'skip' or 'ignore', got {nonfinite!r}")
+        if metrics is not None and not default_cbs:
+            raise ValueError("Learner: metrics are averaged by MetricsCallback, which default_cbs=False leaves out; "
+                             "pass cbs=[MetricsCallback(metrics)] instead")
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.nonfinite, self.n_skipped_batches = nonfinite, 0
         self._before_forward = None   # with nonfinite='skip': the model's state before this batch's forward pass
@@ -90,8 +93,16 @@ class Learner:
 # %% ../nbs/03_learner.ipynb #99b8dbdd
 class Learner(Learner):
     def add_cbs(self, cbs):
-        "Attach callbacks: each is stored as `self.<cb.name>` and dispatched in `_order`."
-        for cb in listify(cbs):
+        "Attach callbacks: each is stored as `self.<cb.name>` and dispatched in `_order`; a name already taken is refused."
+        cbs, names = listify(cbs), set()
+        for cb in cbs:   # all checked before any is attached
+            held = getattr(self, cb.name, None) if hasattr(self, cb.name) else cb
+            if held is not cb or cb.name in names:
+                raise ValueError(f"Learner.add_cbs: {type(cb).__name__} would be stored as learn.{cb.name}, which "
+                                 f"{'another callback in the same call takes' if held is cb else f'already holds {held!r}'[:200]}; "
+                                 "remove that first, or give the new callback another `name`")
+            names.add(cb.name)
+        for cb in cbs:
             cb.learn = self
             setattr(self, cb.name, cb)
             self.cbs.append(cb)
@@ -165,15 +176,18 @@ def _one_batch(self: Learner, xb, yb):
 def _step(self: Learner):
     on_device = self._nonfinite_flag is not None          # the check on the device (below) is on for this fit
     if self.nonfinite != 'ignore' and not on_device: self._check_finite()
-    scaler = self.grad_scaler
-    (self.loss if scaler is None else scaler.scale(self.loss)).backward()
-    if scaler is not None: scaler.unscale_(self.opt)      # the true gradients, for the callbacks and the step
-    if on_device: self._check_finite_on_device()
-    self('after_backward')
-    if scaler is None: self.opt.step()
-    else: scaler.step(self.opt); scaler.update()          # the scaler skips a step whose gradients are inf or NaN
-    self('after_step')
-    self.opt.zero_grad()
+    scaler, unscaled, updated = self.grad_scaler, False, False
+    try:
+        (self.loss if scaler is None else scaler.scale(self.loss)).backward()
+        if scaler is not None: scaler.unscale_(self.opt); unscaled = True   # the true gradients, for the callbacks and the step
+        if on_device: self._check_finite_on_device()
+        self('after_backward')
+        if scaler is None: self.opt.step()
+        else: scaler.step(self.opt); scaler.update(); updated = True       # the scaler skips a step whose gradients are inf or NaN
+        self('after_step')
+    finally:
+        if unscaled and not updated: scaler.update()      # cancelled between unscale_ and the step: end the scaler's step
+        self.opt.zero_grad()
 
 # %% ../nbs/03_learner.ipynb #67b55821
 @patch
@@ -230,7 +244,7 @@ def _check_finite_on_device(self: Learner):
     flag.copy_(torch.where(first, torch.stack([torch.full_like(loss, self.iter), loss]), flag))
     if self._flag_copied is not None:
         self._flag_host.copy_(flag, non_blocking=True)
-        self._flag_copied.record()
+        self._flag_copied.record(torch.cuda.current_stream(flag.device))   # the stream the copy was queued on
 
 # %% ../nbs/03_learner.ipynb #nf-device-raise
 @patch
@@ -243,7 +257,7 @@ def _raise_if_nonfinite(self: Learner, wait: bool = True): # False: only look at
     if batch < 0: return
     raise NonFiniteLossError(f"the training loss is {loss} at epoch {self.epoch}, batch {int(batch)}; checked on the device and read "
                              f"at batch {self.iter}: the steps since were taken with zero gradients wherever the loss was not finite, "
-                             "so no weight is NaN or infinite. Lower the learning rate, or pass nonfinite='skip'.")
+                             "so no step was taken on a non-finite loss. Lower the learning rate, or pass nonfinite='skip'.")
 
 # %% ../nbs/03_learner.ipynb #47d791a0
 @patch
@@ -514,9 +528,10 @@ def opt_mismatches(opt, names: list, # `param_names` of `opt` here
         elif saved_names is not None and saved_names[i] != names[i]:
             j = next(j for j, (a, b) in enumerate(zip(saved_names[i], names[i])) if a != b)
             problems.append(f"optimiser param group {i}: parameter {j} is {saved_names[i][j]} in the checkpoint, {names[i][j]} here")
-        if set(group) != set(old):
-            problems.append(f"optimiser param group {i}: settings {sorted(set(old) - {'params'})} in the checkpoint, "
-                            f"{sorted(set(group) - {'params'})} here (another optimiser?)")
+        unknown = set(old) - set(group)   # settings the checkpoint lacks (an older torch's) are filled in by load_state_dict
+        if unknown:
+            problems.append(f"optimiser param group {i}: settings {sorted(unknown)} in the checkpoint are not this optimiser's, "
+                            f"which has {sorted(set(group) - {'params'})} (another optimiser?)")
     return problems
 
 # %% ../nbs/03_learner.ipynb #97f8f6c1
@@ -534,7 +549,7 @@ def save(self: Learner, path,
         with os.fdopen(fd, 'wb') as f:
             torch.save(ckpt, f)
             f.flush(); os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes it private; a checkpoint is an ordinary file
+        os.chmod(tmp, new_file_mode())   # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
@@ -651,7 +666,7 @@ class SaveCheckpoint(Callback):
         self.path, self.every_epoch, self.every_n_batches, self.n_saved = Path(path), every_epoch, every_n_batches, 0
 
     def before_epoch(self):
-        if self.every_n_batches: self._rng_epoch_start = rng_states(self.learn.dls)   # the loader draws this epoch's order from these
+        if self.every_n_batches: self.learn.rng_epoch_start = rng_states(self.learn.dls)   # the loader draws this epoch's order from these
 
     def after_batch(self):
         learn = self.learn
@@ -670,7 +685,7 @@ def save(self: SaveCheckpoint, epoch: int, batch: int): # where a resumed fit st
     fit = {'n_epochs': learn.n_epochs, 'epoch': epoch, 'batch': batch, 'n_train_batches': len(learn.dls.train),
            'n_skipped_batches': learn.n_skipped_batches, 'callbacks': {cb.name: cb.state_dict() for cb in stateful},
            'rng': rng_states(learn.dls)}
-    if batch: fit['rng_epoch_start'] = self._rng_epoch_start
+    if batch: fit['rng_epoch_start'] = learn.rng_epoch_start
     learn.save(self.path, fit=fit)
     self.n_saved += 1
 
@@ -722,6 +737,7 @@ class Learner(Learner):
         ckpt, self._resume_mid_epoch = self._resume_mid_epoch, None
         fit = ckpt['fit']
         self._restore(ckpt, fit['rng_epoch_start'])
+        self.rng_epoch_start = fit['rng_epoch_start']   # this epoch's start, for the checkpoints taken later in it
         batches = iter(dl)
         for _ in range(fit['batch']): next(batches)   # the same order, drawn from the same generators; these batches were done
         set_rng_states(fit['rng'], self.dls)

@@ -255,6 +255,16 @@ def test_a_checkpoint_records_its_format_and_versions(tmp_path):
     assert ckpt['torch'] == torch.__version__ and isinstance(ckpt['torch'], str)
 
 
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_a_checkpoint_gets_the_permissions_of_a_new_file(tmp_path, umask):
+    "mkstemp makes private files; the checkpoint renamed into place gets what the umask gives any new file."
+    learn = Learner(nn.Linear(3, 2), None, cross_entropy, default_cbs=False)
+    old = os.umask(umask)
+    try: path = learn.save(tmp_path/'model.pth')
+    finally: os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
 # ---------------------------------------------------------------- crash safety: SIGKILL while writing
 def test_killing_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     "Kill the writer at different moments of a save, four times in a row: each time the file holds a whole checkpoint."

@@ -3,7 +3,7 @@ timeouts, concurrent downloaders, and `get_data_dir` end to end.
 
 Nothing here reaches beyond 127.0.0.1, and nothing touches the real cache: every test runs with
 `XDG_CACHE_HOME` in a tmp dir, `MINIFAST_DATA` unset and proxies bypassed."""
-import hashlib, http.server, multiprocessing as mp, socket, threading, time
+import hashlib, http.server, multiprocessing as mp, os, socket, stat, threading, time
 from pathlib import Path
 
 import pytest
@@ -143,6 +143,15 @@ def test_good_download(tmp_path, payload):
     assert torch.equal(read_idx(dest), t)
     assert leftovers(dest.parent) == ['img.gz']    # no .part file left behind
 
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_a_download_gets_the_permissions_of_a_new_file(tmp_path, payload, umask):
+    "mkstemp makes private files; the finished download gets what the umask gives any new file."
+    url, body, _ = payload
+    old = os.umask(umask)
+    try: dest = download_file(url, tmp_path/'img.gz', sha(body), timeout=5)
+    finally: os.umask(old)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o666 & ~umask
 
 def check_failure_then_retry(server, url, body, dest, match, timeout=5.0):
     "The download fails with a `DownloadError` matching `match`, leaves nothing, then succeeds once the server is good."
