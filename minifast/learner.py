@@ -93,15 +93,12 @@ class Learner:
 # %% ../nbs/03_learner.ipynb #99b8dbdd
 class Learner(Learner):
     def add_cbs(self, cbs):
-        "Attach callbacks: each is stored as `self.<cb.name>` and dispatched in `_order`; a name already taken is refused."
-        cbs, names = listify(cbs), set()
+        "Attach callbacks: each is stored as `self.<cb.name>` and dispatched in `_order`."
+        cbs = listify(cbs)
         for cb in cbs:   # all checked before any is attached
-            held = getattr(self, cb.name, None) if hasattr(self, cb.name) else cb
-            if held is not cb or cb.name in names:
-                raise ValueError(f"Learner.add_cbs: {type(cb).__name__} would be stored as learn.{cb.name}, which "
-                                 f"{'another callback in the same call takes' if held is cb else f'already holds {held!r}'[:200]}; "
-                                 "remove that first, or give the new callback another `name`")
-            names.add(cb.name)
+            if hasattr(self, cb.name) and not isinstance(getattr(self, cb.name), Callback):
+                raise ValueError(f"Learner.add_cbs: {type(cb).__name__} would be stored as learn.{cb.name}, which is the "
+                                 f"learner's own {cb.name!r}; give the callback another `name`")
         for cb in cbs:
             cb.learn = self
             setattr(self, cb.name, cb)
@@ -110,10 +107,13 @@ class Learner(Learner):
         return self
 
     def remove_cbs(self, cbs):
-        "Detach callbacks."
+        "Detach callbacks; a name two callbacks shared goes back to the one that stays."
         for cb in listify(cbs):
             if cb in self.cbs: self.cbs.remove(cb)
-            if getattr(self, cb.name, None) is cb: delattr(self, cb.name)
+            if getattr(self, cb.name, None) is cb:
+                same_name = [c for c in self.cbs if c.name == cb.name]
+                if same_name: setattr(self, cb.name, same_name[-1])
+                else: delattr(self, cb.name)
             cb.learn = None
         self._dispatch = {event: _event_handlers(self.cbs, event) for event in EVENTS}
         return self
