@@ -29,6 +29,10 @@ def _stats_input(x):
     "`x` in float32 if it is half precision, so that sums and squares cannot overflow."
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
+def _stats_dtype(x) -> torch.dtype:
+    "The dtype a norm's statistics are computed in for input `x`: float64 for float64, float32 for the rest."
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
 def _check_input(layer, x, n_channels=None):
     "Raise a clear error unless `x` is 4D with `n_channels` channels."
     name = type(layer).__name__
@@ -143,7 +147,7 @@ def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, he
                             eps: float) -> torch.Tensor:
     "Steps 1 to 5 in plain tensor operations, for autograd to differentiate; folds the batch into `running` in place."
     batch = torch.stack([x.mean((0, 2, 3)), (x * x).mean((0, 2, 3))])
-    new = torch.lerp(running.float(), batch, share)    # the history is constant; this batch keeps its gradient
+    new = torch.lerp(running.to(batch.dtype), batch, share)    # the history is constant; this batch keeps its gradient
     running.copy_(new.detach())
     factor, offset = factor_and_offset(*running_moments(new), mults, adds, min_var, eps)
     return x * factor + offset
@@ -165,7 +169,7 @@ class RunningBatchNormStep(torch.autograd.Function):
         "Fold the batch into the running averages `running` (in place), then normalise `x` with them."
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
         batch = torch.stack([mean, torch.addcmul(var, mean, mean)])     # ... and E[x²]
-        new = torch.lerp(running.float(), batch, share)   # a new tensor: `backward` needs these means after the next step
+        new = torch.lerp(running.to(batch.dtype), batch, share)   # a new tensor: `backward` needs these means after the next step
         running.copy_(new)
         means, squares = new
         varns = torch.addcmul(squares, means, means, value=-1).clamp_min_(min_var)
@@ -264,15 +268,15 @@ def _note(t: torch.Tensor) -> tuple:
     return id(t), t.data_ptr(), t._version
 
 @patch
-def eval_inputs(self: RunningBatchNorm):
+def eval_inputs(self: RunningBatchNorm, dtype: torch.dtype = torch.float32): # float64 for float64 inputs
     "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
     mults, adds, running = _tensors(self)
-    key = (_note(running), _note(mults), _note(adds), self.min_var,
+    key = (_note(running), _note(mults), _note(adds), self.min_var, dtype,
            torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
     if key != self._eval_key:
         if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
-        means, varns = running_moments(running.float().clone())   # a copy: not a view of the buffer, which training changes
-        self._eval_inputs = mults.float().view(-1), adds.float().view(-1), means, varns.clamp_min(self.min_var)
+        means, varns = running_moments(running.to(dtype).clone())   # a copy: not a view of the buffer, which training changes
+        self._eval_inputs = mults.to(dtype).view(-1), adds.to(dtype).view(-1), means, varns.clamp_min(self.min_var)
         self._eval_key = key
     return self._eval_inputs
 
@@ -281,15 +285,16 @@ def eval_inputs(self: RunningBatchNorm):
 def forward(self: RunningBatchNorm, x):
     if x.dim() != 4 or x.shape[1] != self.n_channels: _check_input(self, x, self.n_channels)
     if not self.training:
-        return torch.batch_norm(x, *self.eval_inputs(), False, 0., self.eps, torch.backends.cudnn.enabled)
+        return torch.batch_norm(x, *self.eval_inputs(_stats_dtype(x)), False, 0., self.eps, torch.backends.cudnn.enabled)
     share, min_var = self.count_batch(x.shape[0], x.numel() / self.n_channels), self.min_var
     if self.compiled: step = compiled_running_step
     elif min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
     else: step = RunningBatchNormStep.apply
     mults, adds, running = _tensors(self)
     if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, running, share, min_var, self.eps)
-    # in float32 for half-precision inputs and layers, like the other norms
-    out = step(_stats_input(x), mults.float(), adds.float(), running, share, min_var, self.eps)
+    # in float32 for half-precision inputs and layers, like the other norms; in float64 for float64 inputs
+    dtype = _stats_dtype(x)
+    out = step(x.to(dtype), mults.to(dtype), adds.to(dtype), running, share, min_var, self.eps)
     return out.to(x.dtype)
 
 @patch
@@ -384,7 +389,7 @@ def compiled_running_step(x, mults, adds, running, # as for `running_batch_norm_
     global _compiled_step
     if _compiled_step is None: _compiled_step = torch.compile(running_batch_norm_step, dynamic=False)
     torch._dynamo.maybe_mark_dynamic(x, 0)
-    numbers = [torch.tensor(v, dtype=torch.float32) for v in (share, min_var)]
+    numbers = [torch.tensor(v, dtype=x.dtype) for v in (share, min_var)]
     try: return _compiled_step(x, mults, adds, running, *numbers, eps)
     except Exception as e:
         e.add_note("minifast: raised in RunningBatchNorm's compiled step (compiled=True). If compiling failed: torch.compile "
