@@ -244,7 +244,8 @@ def _check_finite_on_device(self: Learner):
     flag.copy_(torch.where(first, torch.stack([torch.full_like(loss, self.iter), loss]), flag))
     if self._flag_copied is not None:
         self._flag_host.copy_(flag, non_blocking=True)
-        self._flag_copied.record(torch.cuda.current_stream(flag.device))   # the stream the copy was queued on
+        stream = torch.cuda.current_stream(flag.device) if flag.is_cuda else None   # the flag's GPU's, where the copy was queued
+        self._flag_copied.record(stream)
 
 # %% ../nbs/03_learner.ipynb #nf-device-raise
 @patch

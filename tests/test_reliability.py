@@ -406,7 +406,7 @@ def test_device_check_keeps_momentum_finite():
 
 class ArrivedAtOnce:
     "Stands in for the CUDA event of a copy to pinned memory that has always arrived by the next batch."
-    def record(self): pass
+    def record(self, stream=None): pass
     def query(self): return True
 
 
