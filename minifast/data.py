@@ -144,7 +144,7 @@ def _missing_data_message(name, searched):
     return '\n'.join(lines)
 
 def get_data_dir(name: str, path=None, download: bool = True, timeout: float = 30.0) -> Path:
-    "Find data set `name` (see `candidate_dirs`), downloading it into the cache if no copy exists."
+    "The folder holding data set `name`: only `path` when given; otherwise the first of `candidate_dirs` with every file, or a download into the cache (unless `download=False`)."
     if path is not None:  # an explicit path is a promise: do not silently use another copy
         missing = [f for f in _dataset(name)['sha256'] if not (Path(path)/f).is_file()]
         if missing: raise FileNotFoundError(f"{path} is missing {name} files: {', '.join(missing)}")

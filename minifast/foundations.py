@@ -38,7 +38,7 @@ def set_seed(seed: int):
 
 # %% ../nbs/00_foundations.ipynb #495a5b95
 def listify(o) -> list:
-    "`o` as a list: None gives [], a string or a single object gives [o], an iterable gives list(o)."
+    "`o` as a list: None gives [], a list itself (not a copy), a string, bytes, dict, tensor or other single object [o], another iterable list(o)."
     if o is None: return []
     if isinstance(o, list): return o
     if isinstance(o, (str, bytes, dict)) or isinstance(o, torch.Tensor): return [o]

@@ -66,7 +66,7 @@ def conv_layer(n_in: int, n_out: int, ks: int = 3, stride: int = 2,
     return nn.Sequential(*layers)
 
 def get_cnn_model(n_classes: int = 10, nfs=(8, 16, 32, 32), n_in: int = 1, layer=conv_layer, **kwargs) -> nn.Sequential:
-    "The lesson's CNN: a 5×5 conv, 3×3 stride-2 convs with `nfs` filters, average pooling, flatten, linear."
+    "The lesson's CNN: stride-2 convs with `nfs` filters (the first 5×5, the rest 3×3), average pooling, flatten, linear."
     sizes = [n_in] + list(nfs)
     convs = [layer(sizes[i], sizes[i + 1], 5 if i == 0 else 3, **kwargs) for i in range(len(nfs))]
     return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), Lambda(flatten), nn.Linear(sizes[-1], n_classes))
@@ -245,7 +245,7 @@ class ActivationStats(Callback):
         return (squares / n - (sums / n) ** 2).clamp_min(0).sqrt().float()
     @property
     def near_zero_share(self) -> torch.Tensor:
-        "Share of `-near_zero` ≤ activation < `near_zero`, layers × recorded batches."
+        "Share of `-near_zero` ≤ activation < `near_zero`, layers × recorded batches, estimated from the histograms' sample (`hist_sample`)."
         _, _, n, counts = self._recorded()
         return (counts[..., 1:-1][..., self._zero_bins].sum(-1) / n).float()
     @property

@@ -92,6 +92,7 @@ class Learner:
 
 # %% ../nbs/03_learner.ipynb #99b8dbdd
 class Learner(Learner):
+    __doc__ = Learner.__doc__   # a class's docstring is not inherited: keep the first cell's
     def add_cbs(self, cbs):
         "Attach callbacks: each is stored as `self.<cb.name>` and dispatched in `_order`."
         cbs = listify(cbs)
@@ -120,6 +121,7 @@ class Learner(Learner):
 
 # %% ../nbs/03_learner.ipynb #38d33fa4
 class Learner(Learner):
+    __doc__ = Learner.__doc__   # a class's docstring is not inherited: keep the first cell's
     def __call__(self, event: str) -> bool:
         "Run `event` on every callback that handles it; True if any asked to skip what follows."
         skip = False
@@ -353,6 +355,7 @@ class MetricsCallback(Callback):
 
 # %% ../nbs/03_learner.ipynb #488fac5c
 class MetricsCallback(MetricsCallback):
+    __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
     def after_batch(self):
         "Add the batch's loss and metrics, weighted by its size, unless the batch was cancelled."
         if self._cancelled: return
@@ -381,7 +384,7 @@ class MetricsCallback(MetricsCallback):
 
 # %% ../nbs/03_learner.ipynb #6c956536
 def progress_wanted() -> bool:
-    "Whether `Learner` adds a `ProgressCallback`, and whether it shows bars: in notebooks and terminals, not under tests, in pipes or on torchrun's ranks but 0."
+    "Whether `Learner` adds a `ProgressCallback`, and whether it shows bars: in notebooks and terminals, not under tests, in pipes or on torchrun's ranks but 0; `$MINIFAST_PROGRESS` (1 or 0) decides instead when set."
     forced = os.environ.get('MINIFAST_PROGRESS')
     if forced is not None: return forced.strip() not in ('0', '', 'false', 'no')
     if os.environ.get('IN_TEST'): return False
@@ -575,7 +578,7 @@ def _mismatches(self: Learner, ckpt) -> tuple:
 @patch
 def load(self: Learner, path,
          strict: bool = True): # False: load the model's entries that fit, warn about the rest
-    "Load a checkpoint into the model and the optimiser: all of it, or, if any part does not fit, nothing."
+    "Load a checkpoint into the model and the optimiser: all of it, or, if any part does not fit, nothing (with `strict=False`, what fits)."
     ckpt = read_checkpoint(path)
     model_problems, opt_problems = self._mismatches(ckpt)
     problems = [f"{k}: {why}" for k, why in model_problems.items()] + opt_problems
@@ -699,6 +702,7 @@ def _to_device(o, device):
 
 # %% ../nbs/03_learner.ipynb #84ba6c79
 class Learner(Learner):
+    __doc__ = Learner.__doc__   # a class's docstring is not inherited: keep the first cell's
     def _check_resume(self, path, n_epochs: int, cbs: list) -> dict:
         "The checkpoint at `path`, once checked that this fit can go on from it; nothing has changed yet."
         ckpt = read_checkpoint(path)
@@ -717,6 +721,7 @@ class Learner(Learner):
 
 # %% ../nbs/03_learner.ipynb #ckpt-resume-restore
 class Learner(Learner):
+    __doc__ = Learner.__doc__   # a class's docstring is not inherited: keep the first cell's
     def _restore(self, ckpt, rng: dict):
         "Put back every callback's state, the model, the optimiser, the skipped-batch count and the generators (`rng`)."
         device = next(self.model.parameters()).device

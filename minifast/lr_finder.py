@@ -32,6 +32,7 @@ class LRFinder(Callback):
 
 # %% ../nbs/05_lr_finder.ipynb #c16b33c2
 class LRFinder(LRFinder):
+    __doc__ = LRFinder.__doc__   # a class's docstring is not inherited: keep the first cell's
     def after_loss(self):
         learn = self.learn
         if not learn.in_train: return

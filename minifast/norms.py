@@ -181,9 +181,10 @@ class RunningBatchNormStep(torch.autograd.Function):
 
 # %% ../nbs/07_batchnorm.ipynb #3335622e
 class RunningBatchNormStep(RunningBatchNormStep):
-    "The backward pass of `RunningBatchNormStep`: BatchNorm's training-mode backward kernel, given this batch's share."
+    __doc__ = RunningBatchNormStep.__doc__   # a class's docstring is not inherited: keep the first cell's
     @staticmethod
     def backward(ctx, grad):
+        "BatchNorm's training-mode backward kernel, given this batch's share of the running statistics."
         (x, weight), (means, varns, share, eps) = ctx.saved_tensors, ctx.numbers
         inv_std = torch.add(varns, _ONE, alpha=eps).rsqrt_()
         # BatchNorm's training-mode backward, told that the batch's statistics are `means` and `varns`, returns T, the
