@@ -75,9 +75,8 @@ class Learner:
                  default_cbs: bool = True): # add `MetricsCallback` and, in notebooks, `ProgressCallback`
         if nonfinite not in ('raise', 'skip', 'ignore'):
             raise ValueError(f"Learner: nonfinite must be 'raise', 'skip' or 'ignore', got {nonfinite!r}")
-        if metrics is not None and not default_cbs:
-            raise ValueError("Learner: metrics are averaged by MetricsCallback, which default_cbs=False leaves out; "
-                             "pass cbs=[MetricsCallback(metrics)] instead")
+        if metrics is not None and not default_cbs: raise ValueError(
+            "Learner: metrics are averaged by MetricsCallback, which default_cbs=False leaves out; pass cbs=[MetricsCallback(metrics)]")
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.nonfinite, self.n_skipped_batches = nonfinite, 0
         self._before_forward = None   # with nonfinite='skip': the model's state before this batch's forward pass
@@ -107,17 +106,19 @@ class Learner(Learner):
         self._dispatch = {event: _event_handlers(self.cbs, event) for event in EVENTS}
         return self
 
-    def remove_cbs(self, cbs):
-        "Detach callbacks; a name two callbacks shared goes back to the one that stays."
-        for cb in listify(cbs):
-            if cb in self.cbs: self.cbs.remove(cb)
-            if getattr(self, cb.name, None) is cb:
-                same_name = [c for c in self.cbs if c.name == cb.name]
-                if same_name: setattr(self, cb.name, same_name[-1])
-                else: delattr(self, cb.name)
-            cb.learn = None
-        self._dispatch = {event: _event_handlers(self.cbs, event) for event in EVENTS}
-        return self
+# %% ../nbs/03_learner.ipynb #beba35dd
+@patch
+def remove_cbs(self: Learner, cbs):
+    "Detach callbacks; a name two callbacks shared goes back to the one that stays."
+    for cb in listify(cbs):
+        if cb in self.cbs: self.cbs.remove(cb)
+        if getattr(self, cb.name, None) is cb:
+            same_name = [c for c in self.cbs if c.name == cb.name]
+            if same_name: setattr(self, cb.name, same_name[-1])
+            else: delattr(self, cb.name)
+        cb.learn = None
+    self._dispatch = {event: _event_handlers(self.cbs, event) for event in EVENTS}
+    return self
 
 # %% ../nbs/03_learner.ipynb #38d33fa4
 class Learner(Learner):
@@ -368,19 +369,22 @@ class MetricsCallback(MetricsCallback):
             self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
 
-    def _averages(self, sums, count): return [None] * len(self.metric_names) if sums is None else (sums / count).tolist()
+# %% ../nbs/03_learner.ipynb #b1bcb2d5
+@patch
+def _averages(self: MetricsCallback, sums, count): return [None] * len(self.metric_names) if sums is None else (sums / count).tolist()
 
-    def after_epoch(self):
-        if not self._validating: self.before_validate()   # an earlier callback cancelled validation before this one saw it
-        train = self._averages(self._train_sums, self._train_count)
-        valid = self._averages(self._sums, self._count)
-        row = {'epoch': self.learn.epoch}
-        for name, t, v in zip(self.metric_names, train, valid): row[f'train_{name}'], row[f'valid_{name}'] = t, v
-        self.history.append(row)
-        if self.printer is not None:
-            fmt = lambda x: '-' if x is None else f'{x:.4f}'
-            self.printer(f'{self.learn.epoch:5d} ' + ' '.join(f'{fmt(t)} {fmt(v)}' for t, v in zip(train, valid)))
-        self._new_epoch()   # so that the next epoch starts clean even if an earlier callback cancels it in before_epoch
+@patch
+def after_epoch(self: MetricsCallback):
+    if not self._validating: self.before_validate()   # an earlier callback cancelled validation before this one saw it
+    train = self._averages(self._train_sums, self._train_count)
+    valid = self._averages(self._sums, self._count)
+    row = {'epoch': self.learn.epoch}
+    for name, t, v in zip(self.metric_names, train, valid): row[f'train_{name}'], row[f'valid_{name}'] = t, v
+    self.history.append(row)
+    if self.printer is not None:
+        fmt = lambda x: '-' if x is None else f'{x:.4f}'
+        self.printer(f'{self.learn.epoch:5d} ' + ' '.join(f'{fmt(t)} {fmt(v)}' for t, v in zip(train, valid)))
+    self._new_epoch()   # so that the next epoch starts clean even if an earlier callback cancels it in before_epoch
 
 # %% ../nbs/03_learner.ipynb #6c956536
 def progress_wanted() -> bool:
@@ -738,16 +742,18 @@ class Learner(Learner):
         else: self._resume_mid_epoch = ckpt
         return fit['epoch']
 
-    def _resume_epoch(self, dl):
-        "After `before_epoch`: restore a mid-epoch checkpoint; the numbered batches of `dl` that were not done yet."
-        ckpt, self._resume_mid_epoch = self._resume_mid_epoch, None
-        fit = ckpt['fit']
-        self._restore(ckpt, fit['rng_epoch_start'])
-        self.rng_epoch_start = fit['rng_epoch_start']   # this epoch's start, for the checkpoints taken later in it
-        batches = iter(dl)
-        for _ in range(fit['batch']): next(batches)   # the same order, drawn from the same generators; these batches were done
-        set_rng_states(fit['rng'], self.dls)
-        return enumerate(batches, fit['batch'])
+# %% ../nbs/03_learner.ipynb #66e9406b
+@patch
+def _resume_epoch(self: Learner, dl):
+    "After `before_epoch`: restore a mid-epoch checkpoint; the numbered batches of `dl` that were not done yet."
+    ckpt, self._resume_mid_epoch = self._resume_mid_epoch, None
+    fit = ckpt['fit']
+    self._restore(ckpt, fit['rng_epoch_start'])
+    self.rng_epoch_start = fit['rng_epoch_start']   # this epoch's start, for the checkpoints taken later in it
+    batches = iter(dl)
+    for _ in range(fit['batch']): next(batches)   # the same order, drawn from the same generators; these batches were done
+    set_rng_states(fit['rng'], self.dls)
+    return enumerate(batches, fit['batch'])
 
 # %% ../nbs/03_learner.ipynb #mp-class
 class MixedPrecision(Callback):
