@@ -56,8 +56,11 @@ def camel2snake(name: str) -> str:
 # %% ../nbs/00_foundations.ipynb #a1be76e6
 def new_file_mode() -> int:
     "The permissions `open()` gives a new file in this process: 0o666 less the umask."
-    umask = os.umask(0)   # the only way to read it is to set it...
-    os.umask(umask)       # ...and put it back
+    try:   # Linux shows the umask without changing it: setting it, even for a moment, applies to other threads' new files
+        with open('/proc/self/status') as f: umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)   # elsewhere the only way to read it is to set it...
+        os.umask(umask)       # ...and put it back
     return 0o666 & ~umask
 
 # %% ../nbs/00_foundations.ipynb #6f0e4e50
