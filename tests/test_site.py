@@ -170,6 +170,16 @@ def test_every_notebook_has_a_page(notebooks, site):
     for name in notebooks: assert name in indexed, f'{name} is not in the search index'
 
 
+def test_every_module_docs_link_has_its_page(site):
+    "Each module's docstring ends with `Docs: <site>/<page>.html.md`; the build writes that page, as markdown."
+    for module in sorted((ROOT/'minifast').glob('[!_]*.py')):
+        link = re.search(r'^Docs: (\S+?\.html\.md)', module.read_text(encoding='utf-8'), re.M)
+        assert link, f'{module.name}: no Docs line'
+        page = site/link[1].rsplit('/', 1)[1]
+        assert page.exists(), f'{module.name} links to {link[1]}, which the site does not have'
+        assert page.read_text(encoding='utf-8').startswith('# '), f'{page.name} does not start with its title'
+
+
 def test_nav_is_in_course_order(notebooks, server, browser):
     assert not open_page(browser, server + 'index.html')
     # the site's title leads home, then the sidebar lists the notebooks

@@ -17,6 +17,8 @@ The notebooks are not run here: their saved outputs (figures, tables, printed nu
 3. Sphinx (myst-nb, sphinx-book-theme; settings in tools/sphinx/conf.py) renders _proc/site/.
    Math becomes MathML at build time and search is Sphinx's own index, so the site loads
    nothing from other hosts.
+4. Beside each `name.html`, `name.html.md`: the page as plain markdown, where the `Docs:` line
+   nbdev writes into each module's docstring points (Quarto, nbdev's default, writes these too).
 """
 import argparse, html, json, os, re, shutil, subprocess, sys
 from pathlib import Path
@@ -166,6 +168,20 @@ def to_myst(nb: dict, relink, intro: str = ''):
     return fm, dict(nb, cells=cells)
 
 
+def page_markdown(page_nb: dict) -> str:
+    "A page as plain markdown: what the `Docs:` line of each module's docstring links to (nbdev's `name.html.md`)."
+    parts = []
+    for cell in page_nb['cells']:
+        src = _text(cell.get('source'))
+        if cell['cell_type'] == 'markdown': parts.append(src); continue
+        if cell['cell_type'] != 'code': continue
+        if 'remove-input' not in cell.get('metadata', {}).get('tags', []) and src.strip(): parts.append(f'```python\n{src}\n```')
+        for out in cell.get('outputs', []):
+            text = _text(out.get('text')) or _text(out.get('data', {}).get('text/plain'))
+            if text.strip(): parts.append(f'```\n{text.rstrip()}\n```')
+    return '\n\n'.join(p.strip('\n') for p in parts if p.strip()) + '\n'
+
+
 def toctree(names: list) -> str:
     "The home page's hidden toctree: the site's navigation, in course order."
     return '```{toctree}\n:hidden:\n:maxdepth: 1\n\n' + '\n'.join(names) + '\n```\n'
@@ -231,6 +247,7 @@ def build(nbs: Path, site: Path, strict: bool = True) -> Path:
     sources = site/'_sources'   # left empty: html_copy_source is off
     if sources.is_dir() and not any(sources.iterdir()): sources.rmdir()
     (site/'.nojekyll').touch()   # GitHub Pages: serve _static/ and _images/ as they are
+    for name, _, page_nb in pages: (site/f'{name}.html.md').write_text(page_markdown(page_nb), encoding='utf-8')
     return site
 
 
