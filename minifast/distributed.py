@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from .data import DataLoader, DataLoaders
 from .learner import Callback, Learner, MetricsCallback
 from .hooks import ActivationStats
-from .norms import BatchNorm, RunningBatchNorm, factor_and_offset, running_moments, _check_input, _stats_input, _times
+from .norms import BatchNorm, RunningBatchNorm, factor_and_offset, running_moments, _check_input, _stats_dtype, _stats_input, _times
 
 # %% ../nbs/09_distributed.ipynb #d011
 def shard_bounds(n: int, # items in the global batch
@@ -315,11 +315,12 @@ class SyncedRunningBatchNorm(RunningBatchNorm):
         batch_size = _global_batch_size(stats, x.shape[0], C)   # count and momentum are Python numbers
         items = batch_size * (x.numel() // (x.shape[0] * C))   # every rank's maps have the same size
         share = self.count_batch(batch_size, items)
-        new = torch.lerp(self.running.float(), _times(stats[:2 * C].view(2, C), 1 / items), share)   # the global averages
+        dtype = _stats_dtype(x)   # float32, or float64 for float64 inputs, as in RunningBatchNorm
+        new = torch.lerp(self.running.to(dtype), _times(stats[:2 * C].view(2, C), 1 / items), share)   # the global averages
         self.running.copy_(new.detach())
-        factor, offset = factor_and_offset(*running_moments(new), self.mults.float(), self.adds.float(),
+        factor, offset = factor_and_offset(*running_moments(new), self.mults.to(dtype), self.adds.to(dtype),
                                            self.min_var, self.eps)
-        return (_stats_input(x) * factor + offset).to(x.dtype)
+        return (x.to(dtype) * factor + offset).to(x.dtype)
 
 # %% ../nbs/09_distributed.ipynb #d043
 _SYNCED = (SyncedBatchNorm, SyncedBatchNorm2d, SyncedRunningBatchNorm)

@@ -169,9 +169,10 @@ class RunningBatchNormStep(torch.autograd.Function):
         "Fold the batch into the running averages `running` (in place), then normalise `x` with them."
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
         batch = torch.stack([mean, torch.addcmul(var, mean, mean)])     # ... and E[x²]
-        new = torch.lerp(running.to(batch.dtype), batch, share)   # a new tensor: `backward` needs these means after the next step
+        history = running if running.dtype == batch.dtype else running.to(batch.dtype)   # float64 for float64 inputs
+        new = torch.lerp(history, batch, share)   # a new tensor: `backward` needs these means after the next step
         running.copy_(new)
-        means, squares = new
+        means, squares = new.unbind()
         varns = torch.addcmul(squares, means, means, value=-1).clamp_min_(min_var)
         weight = mults.view(-1)
         ctx.save_for_backward(x, weight)
@@ -194,6 +195,12 @@ class RunningBatchNormStep(RunningBatchNormStep):
                                                      0., [True, True, True])
         grad_x.addcmul_(grad, torch.addcmul(_ZERO, weight, inv_std, value=1 - share).view(-1, 1, 1))
         return grad_x, grad_mults.view(-1, 1, 1), grad_adds.view(-1, 1, 1), None, None, None, None
+
+    @classmethod
+    def apply(cls, *args):
+        "`Function.apply` without its Python preamble, which only functorch transforms (`vmap`, `grad`) need (bench/README.md: its cost)."
+        if torch._C._are_functorch_transforms_active(): return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)   # PyTorch's C++ apply, which `Function.apply` ends with
 
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):

@@ -32,6 +32,7 @@ CASES = {
     'plain32': (None, torch.float32, 640, 64, 100, 64),
     'plain64': (None, torch.float64, 640, 64, 100, 64),
     'norms': ('mixed', torch.float32, 640, 64, 100, 64),
+    'norms64': ('mixed', torch.float64, 640, 64, 100, 64),
     'uneven': ('mixed', torch.float32, 9 * 63 + 21, 63, 101, 51),   # slices of 32/31, a last batch of 21 (11/10)
 }
 
