@@ -355,6 +355,8 @@ class MetricsCallback(Callback):
     def after_cancel_batch(self): self._cancelled = True
 
 # %% ../nbs/03_learner.ipynb #488fac5c
+def _as_float32(t): return t if t.dtype == torch.float32 else t.float()
+
 class MetricsCallback(MetricsCallback):
     __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
     def after_batch(self):
@@ -362,11 +364,13 @@ class MetricsCallback(MetricsCallback):
         if self._cancelled: return
         learn = self.learn
         n = len(learn.yb)
-        with torch.no_grad():
-            values = [learn.loss.detach()] + [m(learn.pred, learn.yb) for m in self.metrics]
-            batch = torch.stack([v if v.dtype == torch.float32 else v.float() for v in values])
-            # the weight as the add's `alpha`: one small op per batch, not a product and a sum
-            self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
+        loss = learn.loss.detach()   # detached, so that nothing here is recorded for autograd
+        if self.metrics:
+            pred = learn.pred.detach()
+            batch = torch.stack([_as_float32(v) for v in [loss] + [m(pred, learn.yb) for m in self.metrics]])
+        else: batch = _as_float32(loss).view(1)   # the loss alone needs no stack
+        # the weight as the add's `alpha`: one small op per batch, not a product and a sum
+        self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
 
 # %% ../nbs/03_learner.ipynb #b1bcb2d5
