@@ -21,8 +21,9 @@ WHY_MISSED = {
         'floor at about 1.10 to 1.12, and runs of the same code read 1.10 to 1.14. Profile: section 6, ActivationStats '
         'at batch size 32 (`aten::histc`, `aten::sum`, `aten::dot`).',
     ('rbn', 'RunningBatchNorm', 512):
-        "The forward pass costs what `nn.BatchNorm2d`'s does; the backward pass adds the batch's share of the statistics, "
-        'one more pass over the activations plus per-channel ops, which no fused PyTorch kernel computes. '
+        "Here the step's cost is its passes over the activations, not its calls: BatchNorm's backward kernel, given the "
+        "batch's share, computes the gradient in one call, but one more pass (an `addcmul_`) adds the rest, and the forward "
+        "pass runs the batch statistics and eval-mode BatchNorm as two kernels. "
         '`RunningBatchNorm(compiled=True)` comes closer (its row above; on the AMD machine of 2026-12-05 it met the target). '
         'Profile: section 6, norms at batch size 512.',
     ('rbn', 'RunningBatchNorm(compiled=True)', 512):
@@ -110,9 +111,9 @@ def raw_tables(comparisons):
     groups = {}
     for c in comparisons:   # the rows against the lesson re-read rounds already shown; the layers have no losses
         if c['measure'] in ('lesson', 'layer'): continue
-        groups.setdefault((c['batch_size'], c['reference'], c['batches'], c['note']), []).append(c)
+        groups.setdefault((c['measure'], c['batch_size'], c['reference'], c['batches'], c['note']), []).append(c)
     lines = []
-    for (bs, reference, batches, _), cs in groups.items():
+    for (_, bs, reference, batches, _), cs in groups.items():
         arms = [reference] + [c['arm'] for c in cs]
         seconds = [cs[0]['ref_seconds']] + [c['seconds'] for c in cs]
         losses = [cs[0]['ref_losses']] + [c['losses'] for c in cs]

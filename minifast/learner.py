@@ -364,11 +364,11 @@ class MetricsCallback(MetricsCallback):
         if self._cancelled: return
         learn = self.learn
         n = len(learn.yb)
-        loss = learn.loss.detach()   # detached, so that nothing here is recorded for autograd
+        loss = learn.loss.detach()
         if self.metrics:
-            pred = learn.pred.detach()
-            batch = torch.stack([_as_float32(v) for v in [loss] + [m(pred, learn.yb) for m in self.metrics]])
-        else: batch = _as_float32(loss).view(1)   # the loss alone needs no stack
+            with torch.no_grad():   # a metric may use tensors that require gradients: record none of it
+                batch = torch.stack([_as_float32(v) for v in [loss] + [m(learn.pred, learn.yb) for m in self.metrics]])
+        else: batch = _as_float32(loss).view(1)   # the loss alone needs no stack, and no `no_grad` block
         # the weight as the add's `alpha`: one small op per batch, not a product and a sum
         self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n

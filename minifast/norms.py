@@ -198,7 +198,7 @@ class RunningBatchNormStep(RunningBatchNormStep):
 
     @classmethod
     def apply(cls, *args):
-        "`Function.apply` without its Python preamble, which only functorch transforms (`vmap`, `grad`) need (bench/README.md: its cost)."
+        "`Function.apply` without its Python preamble unless a functorch transform is active; the preamble also unwraps tensors left from a finished transform, which a norm layer is not given (bench/README.md: its cost)."
         if torch._C._are_functorch_transforms_active(): return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)   # PyTorch's C++ apply, which `Function.apply` ends with
 

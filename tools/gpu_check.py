@@ -169,7 +169,7 @@ def check_mixed_precision(log, device='cuda'):
 def check_ddp_nccl(log, timeout, device='cuda'):
     "tests/ddp_cases.py on nccl with one rank per GPU, against one process on the GPU."
     n = torch.cuda.device_count() if device == 'cuda' else 2
-    cases = ['plain32', 'norms', 'uneven']
+    cases = ['plain32', 'norms', 'norms64', 'uneven']
     with tempfile.TemporaryDirectory() as d:
         env = {**os.environ, 'DDP_CASES_DEVICE': device, 'OMP_NUM_THREADS': '1'}
         proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}',
