@@ -172,7 +172,7 @@ def after_loss(self: DistributedCallback):
 @patch
 def after_epoch(self: DistributedCallback):
     for cb in self.learn.cbs:
-        if isinstance(cb, MetricsCallback): self._reduce_metrics(cb)
+        if isinstance(cb, MetricsCallback): cb.evaluate_held(); self._reduce_metrics(cb)   # before its own after_epoch
 
 @patch
 def _reduce_metrics(self: DistributedCallback, cb):

@@ -326,7 +326,7 @@ class TrainEvalCallback(Callback):
 class MetricsCallback(Callback):
     "Averages loss and `metrics` per training and validation pass on the device; one line per epoch."
     _order = 10
-    _cancelled = False
+    _cancelled, _held = False, ()
     def __init__(self, metrics=None, printer=print):
         self.metrics, self.printer, self.history = listify(metrics), printer, []
 
@@ -340,6 +340,7 @@ class MetricsCallback(Callback):
 
     def _reset(self):
         self._sums, self._count = None, 0
+        self._held, self._held_bytes = [], 0   # batches whose metrics are still to run (`evaluate_held`, below)
 
     def _new_epoch(self):
         self._reset()
@@ -347,7 +348,8 @@ class MetricsCallback(Callback):
 
     def before_epoch(self): self._new_epoch()
     def before_validate(self):
-        "Keep the training pass's sums; start the validation pass's."
+        "Keep the training pass's sums, every batch counted; start the validation pass's."
+        self.evaluate_held()
         self._train_sums, self._train_count, self._validating = self._sums, self._count, True
         self._reset()
 
@@ -356,19 +358,41 @@ class MetricsCallback(Callback):
 
 # %% ../nbs/03_learner.ipynb #488fac5c
 def _as_float32(t): return t if t.dtype == torch.float32 else t.float()
+def _on_cpu(x): return isinstance(x, torch.Tensor) and x.device.type == 'cpu'
 
 class MetricsCallback(MetricsCallback):
     __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
+    hold_batches, hold_bytes = 32, 4 * 2**20   # the most batches, and bytes of predictions and targets, held for the metrics
+
     def after_batch(self):
-        "Add the batch's loss and metrics, weighted by its size, unless the batch was cancelled."
+        "Add the batch's loss and metrics, weighted by its size, unless the batch was cancelled; on the CPU the metrics may wait."
         if self._cancelled: return
         learn = self.learn
-        n = len(learn.yb)
         loss = learn.loss.detach()
-        if self.metrics:
-            with torch.no_grad():   # a metric may use tensors that require gradients: record none of it
-                batch = torch.stack([_as_float32(v) for v in [loss] + [m(learn.pred, learn.yb) for m in self.metrics]])
-        else: batch = _as_float32(loss).view(1)   # the loss alone needs no stack, and no `no_grad` block
+        if not self.metrics: return self._add(_as_float32(loss).view(1), len(learn.yb))   # the loss alone: no stack, no `no_grad`
+        pred = learn.pred.detach() if isinstance(learn.pred, torch.Tensor) else learn.pred
+        self._held.append((loss, pred, learn.yb, learn.iter))
+        held_here = _on_cpu(pred) and _on_cpu(learn.yb)
+        if held_here: self._held_bytes += pred.nbytes + learn.yb.nbytes
+        if (self._sums is None or not held_here or len(self._held) >= self.hold_batches
+                or self._held_bytes >= self.hold_bytes): self.evaluate_held()
+
+    def evaluate_held(self):
+        "Run the metrics on the held batches, in order, and add them to the sums: afterwards the sums count every batch so far."
+        if not self._held: return
+        held, self._held, self._held_bytes = self._held, [], 0
+        with torch.no_grad():   # a metric may use tensors that require gradients: record none of it
+            for loss, pred, yb, i in held:
+                values = [loss]
+                for metric, name in zip(self.metrics, self.metric_names[1:]):
+                    try: values.append(metric(pred, yb))
+                    except Exception as e:
+                        where = 'validation' if self._validating else 'training'
+                        e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass")
+                        raise
+                self._add(torch.stack([_as_float32(v) for v in values]), len(yb))
+
+    def _add(self, batch, n):
         # the weight as the add's `alpha`: one small op per batch, not a product and a sum
         self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
@@ -379,6 +403,7 @@ def _averages(self: MetricsCallback, sums, count): return [None] * len(self.metr
 
 @patch
 def after_epoch(self: MetricsCallback):
+    self.evaluate_held()
     if not self._validating: self.before_validate()   # an earlier callback cancelled validation before this one saw it
     train = self._averages(self._train_sums, self._train_count)
     valid = self._averages(self._sums, self._count)
@@ -656,7 +681,8 @@ def load_state_dict(self: TrainEvalCallback, state: dict):
 
 @patch
 def state_dict(self: MetricsCallback) -> dict:
-    "The history, and the running sums and count of the pass in progress."
+    "The history, and the running sums and count of the pass in progress (its held batches evaluated first)."
+    self.evaluate_held()
     sums = getattr(self, '_sums', None)
     return {'history': copy.deepcopy(self.history), 'sums': None if sums is None else sums.clone(), 'count': getattr(self, '_count', 0)}
 
@@ -664,6 +690,7 @@ def state_dict(self: MetricsCallback) -> dict:
 def load_state_dict(self: MetricsCallback, state: dict):
     "Put back the history and the pass's running sums."
     self.history, self._sums, self._count = copy.deepcopy(state['history']), state['sums'], state['count']
+    self._held, self._held_bytes = [], 0
 
 # %% ../nbs/03_learner.ipynb #ckpt-savecb
 class SaveCheckpoint(Callback):
