@@ -45,11 +45,11 @@ NOISY = ('Runs of the same code have read this row on both sides of the target (
          'of this run spread widely: at this precision the machine, not the code, decides the verdict. bench/README.md '
          'says what the row costs and what was tried.')
 WHY_MISSED[('loop', 'Learner.fit', 32)] = (
-    'Not noise: the training metrics. `MetricsCallback` averages the loss and the accuracy of every training batch on '
-    'the device, which the hand-written loop does not do; at about 2 ms a batch, the accuracy (argmax, compare, cast, '
-    'mean: four small ops that start cold after the optimiser step) and the stack and add that keep the sums cost 3 to 4%. '
-    'The rows "loss only" and "no MetricsCallback" in the results table take them away one at a time; the rest of the Learner (event '
-    'dispatch, the non-finite check) is what separates "no MetricsCallback" from 1.00. bench/README.md has the details.')
+    'The training metrics, which the hand-written loop does not compute: `MetricsCallback` averages the loss and the '
+    'accuracy of every training batch on the device. It runs the metrics a few batches late, in a row, because straight '
+    'after the optimiser step each small op starts cold; what is left is the stack and add that keep the sums, the event '
+    'dispatch and the non-finite check. The rows "loss only" and "no MetricsCallback" take them away one at a time; '
+    'bench/README.md has the side runs, whose short rounds spread less than these.')
 WHY_MISSED[('layer', 'RunningBatchNorm, eval mode', 1024)] = (
     "At this size both arms run the same fused eval-mode kernel, which takes almost all of the time; what differs is a "
     "microsecond or two of Python per call, less than the machine's spread from run to run (the run before read 0.986).")
@@ -264,14 +264,15 @@ def profile_section(profiles):
     return lines + ['']
 
 
-def _replacements(replaced):
+def _replacements(replaced, cpu):
     "One line per later run whose rows are still in the results: a measure replaced twice names only its last run."
     lines = []
     for i, r in enumerate(replaced):
         later = {m for r2 in replaced[i + 1:] for m in r2['measures']}
+        elsewhere = f", on another machine ({r['cpu']}: its rows compare arms timed there)" if r.get('cpu', cpu) != cpu else ''
         if kept := [m for m in r['measures'] if m not in later]:
             lines.append(f"- the rows of the measures {', '.join(kept)} come from a later run, `{r['command']}` on {r['date']} "
-                         f"(commit {r['commit']}), which replaced the complete run's")
+                         f"(commit {r['commit']}){elsewhere}, which replaced the complete run's")
     return lines
 
 
@@ -295,7 +296,7 @@ def write_markdown(results, path):
              f"bench's own {m['torch_threads']} threads)"
              + (' — the machine was busy when the run started: the ratios absorb steady load, and the median drops the odd burst, '
                 'but read them with care' if info['load_start'][0] > 0.5 * m['cores'] else ''),
-             *_replacements(info.get('replaced', [])),
+             *_replacements(info.get('replaced', []), m['cpu']),
              f"- {len(met) - len(missed)} of {len(met)} targets met" + (': misses ' + ', '.join(f"{c['arm']} at {c['batch_size']}" for c in missed) if missed else ''), '',
              '## Method', '',
              '- Fashion-MNIST, normalised with the training set\'s mean and std (`normalize_to_train`); the lesson\'s CNN '

@@ -538,7 +538,8 @@ def replace_in(folder, results, only):
     kept = [c for c in base['comparisons'] if c['measure'] not in only and not (c['measure'] in ('rbn', 'lesson') and 'norms' in only)]
     base['comparisons'] = kept + results['comparisons']
     base['info'].setdefault('replaced', []).append(dict(measures=list(only), command=results['info']['command'],
-                                                        date=results['info']['date'], commit=results['info']['machine']['commit']))
+                                                        date=results['info']['date'], commit=results['info']['machine']['commit'],
+                                                        cpu=results['info']['machine']['cpu']))
     return base
 
 
