@@ -7,9 +7,9 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 # %% auto #0
 __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException',
            'NonFiniteLossError', 'Callback', 'Learner', 'snapshot_state', 'restore_state', 'TrainEvalCallback',
-           'MetricsCallback', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback', 'CheckpointError',
-           'read_checkpoint', 'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states', 'set_rng_states',
-           'has_state', 'SaveCheckpoint', 'MixedPrecision']
+           'MetricsCallback', 'pure_metric', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback',
+           'CheckpointError', 'read_checkpoint', 'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states',
+           'set_rng_states', 'has_state', 'SaveCheckpoint', 'MixedPrecision']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
 import copy, math, os, pickle, random, re, sys, tempfile, warnings
@@ -358,7 +358,12 @@ class MetricsCallback(Callback):
 
 # %% ../nbs/03_learner.ipynb #488fac5c
 def _as_float32(t): return t if t.dtype == torch.float32 else t.float()
-def _on_cpu(x): return isinstance(x, torch.Tensor) and x.device.type == 'cpu'
+def _dense_on_cpu(x): return isinstance(x, torch.Tensor) and x.device.type == 'cpu' and x.layout == torch.strided
+
+def pure_metric(f):
+    "Mark `f` as a metric whose value depends on its arguments alone (no state, no randomness, no side effects): `MetricsCallback` may run it a few batches late."
+    f.pure_metric = True
+    return f
 
 class MetricsCallback(MetricsCallback):
     __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
@@ -370,12 +375,18 @@ class MetricsCallback(MetricsCallback):
         learn = self.learn
         loss = learn.loss.detach()
         if not self.metrics: return self._add(_as_float32(loss).view(1), len(learn.yb))   # the loss alone: no stack, no `no_grad`
-        pred = learn.pred.detach() if isinstance(learn.pred, torch.Tensor) else learn.pred
-        self._held.append((loss, pred, learn.yb, learn.iter))
-        held_here = _on_cpu(pred) and _on_cpu(learn.yb)
-        if held_here: self._held_bytes += pred.nbytes + learn.yb.nbytes
-        if (self._sums is None or not held_here or len(self._held) >= self.hold_batches
-                or self._held_bytes >= self.hold_bytes): self.evaluate_held()
+        pred, yb = (v.detach() if isinstance(v, torch.Tensor) else v for v in (learn.pred, learn.yb))
+        self._held.append((loss, pred, yb, learn.iter))
+        if self._sums is not None and self._may_wait(learn.pred, yb):   # the first batch of a pass never waits
+            self._held_bytes += pred.nbytes + yb.nbytes
+            if len(self._held) < self.hold_batches and self._held_bytes < self.hold_bytes: return
+        self.evaluate_held()
+
+    def _may_wait(self, pred, yb):
+        "Pure metrics, dense tensors on the CPU, and predictions in memory of their own, not a view of anything or a parameter."
+        return (all(getattr(m, 'pure_metric', False) for m in self.metrics) and _dense_on_cpu(pred) and _dense_on_cpu(yb)
+                and pred._base is None and pred.untyped_storage().nbytes() == pred.nbytes
+                and not (pred.is_leaf and pred.requires_grad))
 
     def evaluate_held(self):
         "Run the metrics on the held batches, in order, and add them to the sums: afterwards the sums count every batch so far."
@@ -386,16 +397,24 @@ class MetricsCallback(MetricsCallback):
                 values = [loss]
                 for metric, name in zip(self.metrics, self.metric_names[1:]):
                     try: values.append(metric(pred, yb))
-                    except Exception as e:
-                        where = 'validation' if self._validating else 'training'
-                        e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass")
-                        raise
+                    except Exception as e: raise self._noted(e, name, i)
                 self._add(torch.stack([_as_float32(v) for v in values]), len(yb))
+
+    def _noted(self, e, name, i):
+        "`e`, with a note that names the metric and the batch, and, if it was held, the batch `learn.pred` now belongs to."
+        where, now = 'validation' if self._validating else 'training', self.learn.iter
+        late = '' if i == now else f" (held; evaluated at batch {now}, whose predictions and targets learn.pred and learn.yb are)"
+        e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass{late}")
+        return e
 
     def _add(self, batch, n):
         # the weight as the add's `alpha`: one small op per batch, not a product and a sum
         self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
+
+    def after_fit(self):
+        "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
+        self._held, self._held_bytes = [], 0
 
 # %% ../nbs/03_learner.ipynb #b1bcb2d5
 @patch
