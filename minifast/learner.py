@@ -403,7 +403,7 @@ class MetricsCallback(MetricsCallback):
     def _noted(self, e, name, i):
         "`e`, with a note that names the metric and the batch, and, if it was held, the batch `learn.pred` now belongs to."
         where, now = 'validation' if self._validating else 'training', self.learn.iter
-        late = '' if i == now else f" (held; evaluated at batch {now}, whose predictions and targets learn.pred and learn.yb are)"
+        late = '' if i == now else f" (it waited and was computed at batch {now}; learn.pred and learn.yb now hold batch {now}'s)"
         e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass{late}")
         return e
 
