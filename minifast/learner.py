@@ -7,7 +7,7 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 # %% auto #0
 __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException',
            'NonFiniteLossError', 'Callback', 'Learner', 'snapshot_state', 'restore_state', 'TrainEvalCallback',
-           'MetricsCallback', 'pure_metric', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback',
+           'MetricsCallback', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback', 'pure_metric',
            'CheckpointError', 'read_checkpoint', 'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states',
            'set_rng_states', 'has_state', 'SaveCheckpoint', 'MixedPrecision']
 
@@ -326,7 +326,7 @@ class TrainEvalCallback(Callback):
 class MetricsCallback(Callback):
     "Averages loss and `metrics` per training and validation pass on the device; one line per epoch."
     _order = 10
-    _cancelled, _held = False, ()
+    _cancelled = False
     def __init__(self, metrics=None, printer=print):
         self.metrics, self.printer, self.history = listify(metrics), printer, []
 
@@ -340,7 +340,6 @@ class MetricsCallback(Callback):
 
     def _reset(self):
         self._sums, self._count = None, 0
-        self._held, self._held_bytes = [], 0   # batches whose metrics are still to run (`evaluate_held`, below)
 
     def _new_epoch(self):
         self._reset()
@@ -348,8 +347,7 @@ class MetricsCallback(Callback):
 
     def before_epoch(self): self._new_epoch()
     def before_validate(self):
-        "Keep the training pass's sums, every batch counted; start the validation pass's."
-        self.evaluate_held()
+        "Keep the training pass's sums; start the validation pass's."
         self._train_sums, self._train_count, self._validating = self._sums, self._count, True
         self._reset()
 
@@ -358,50 +356,27 @@ class MetricsCallback(Callback):
 
 # %% ../nbs/03_learner.ipynb #488fac5c
 def _as_float32(t): return t if t.dtype == torch.float32 else t.float()
-def _dense_on_cpu(x): return isinstance(x, torch.Tensor) and x.device.type == 'cpu' and x.layout == torch.strided
-
-def pure_metric(f):
-    "Mark `f` as a metric whose value depends on its arguments alone (no state, no randomness, no side effects): `MetricsCallback` may run it a few batches late."
-    f.pure_metric = True
-    return f
 
 class MetricsCallback(MetricsCallback):
     __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
-    hold_batches, hold_bytes = 32, 4 * 2**20   # the most batches, and bytes of predictions and targets, held for the metrics
-
     def after_batch(self):
-        "Add the batch's loss and metrics, weighted by its size, unless the batch was cancelled; on the CPU the metrics may wait."
+        "Add the batch's loss and metrics, weighted by its size, unless the batch was cancelled."
         if self._cancelled: return
         learn = self.learn
-        loss = learn.loss.detach()
-        if not self.metrics: return self._add(_as_float32(loss).view(1), len(learn.yb))   # the loss alone: no stack, no `no_grad`
-        pred, yb = (v.detach() if isinstance(v, torch.Tensor) else v for v in (learn.pred, learn.yb))
-        self._held.append((loss, pred, yb, learn.iter))
-        if self._sums is not None and self._may_wait(learn.pred, yb):   # the first batch of a pass never waits
-            self._held_bytes += pred.nbytes + yb.nbytes
-            if len(self._held) < self.hold_batches and self._held_bytes < self.hold_bytes: return
-        self.evaluate_held()
+        self._add_batch(learn.loss.detach(), learn.pred, learn.yb, learn.iter)
 
-    def _may_wait(self, pred, yb):
-        "Pure metrics, dense tensors on the CPU, and predictions in memory of their own, not a view of anything or a parameter."
-        return (all(getattr(m, 'pure_metric', False) for m in self.metrics) and _dense_on_cpu(pred) and _dense_on_cpu(yb)
-                and pred._base is None and pred.untyped_storage().nbytes() == pred.nbytes
-                and not (pred.is_leaf and pred.requires_grad))
-
-    def evaluate_held(self):
-        "Run the metrics on the held batches, in order, and add them to the sums: afterwards the sums count every batch so far."
-        if not self._held: return
-        held, self._held, self._held_bytes = self._held, [], 0
+    def _add_batch(self, loss, pred, yb, i):
+        "Add batch `i`'s `loss` and its metrics on `pred` and `yb` to the sums."
+        if not self.metrics: return self._add(_as_float32(loss).view(1), len(yb))   # the loss alone: no stack, no `no_grad`
+        values = [loss]
         with torch.no_grad():   # a metric may use tensors that require gradients: record none of it
-            for loss, pred, yb, i in held:
-                values = [loss]
-                for metric, name in zip(self.metrics, self.metric_names[1:]):
-                    try: values.append(metric(pred, yb))
-                    except Exception as e: raise self._noted(e, name, i)
-                self._add(torch.stack([_as_float32(v) for v in values]), len(yb))
+            for metric, name in zip(self.metrics, self.metric_names[1:]):
+                try: values.append(metric(pred, yb))
+                except Exception as e: raise self._noted(e, name, i)
+        self._add(torch.stack([_as_float32(v) for v in values]), len(yb))
 
     def _noted(self, e, name, i):
-        "`e`, with a note that names the metric and the batch, and, if it was held, the batch `learn.pred` now belongs to."
+        "`e`, with a note that names the metric and the batch, and, if it was computed late, the batch `learn.pred` now belongs to."
         where, now = 'validation' if self._validating else 'training', self.learn.iter
         late = '' if i == now else f" (it waited and was computed at batch {now}; learn.pred and learn.yb now hold batch {now}'s)"
         e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass{late}")
@@ -412,17 +387,12 @@ class MetricsCallback(MetricsCallback):
         self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
 
-    def after_fit(self):
-        "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
-        self._held, self._held_bytes = [], 0
-
 # %% ../nbs/03_learner.ipynb #b1bcb2d5
 @patch
 def _averages(self: MetricsCallback, sums, count): return [None] * len(self.metric_names) if sums is None else (sums / count).tolist()
 
 @patch
 def after_epoch(self: MetricsCallback):
-    self.evaluate_held()
     if not self._validating: self.before_validate()   # an earlier callback cancelled validation before this one saw it
     train = self._averages(self._train_sums, self._train_count)
     valid = self._averages(self._sums, self._count)
@@ -519,6 +489,58 @@ def after_fit(self: ProgressCallback):
     if self.pbar is not None: self.pbar.on_iter_end()
     if self.mbar is not None: self.mbar.on_iter_end()
     self.mbar = self.pbar = None
+
+# %% ../nbs/03_learner.ipynb #mcb-hold-code
+def _dense_on_cpu(x): return isinstance(x, torch.Tensor) and x.device.type == 'cpu' and x.layout == torch.strided
+
+def pure_metric(f):
+    "Mark `f` as a metric whose value depends on its arguments alone (no state, no randomness, no side effects): `MetricsCallback` may compute it a few batches late."
+    f.pure_metric = True
+    return f
+
+class MetricsCallback(MetricsCallback):
+    __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
+    hold_batches, hold_bytes = 32, 4 * 2**20   # the most batches, and bytes of predictions and targets, that wait for the metrics
+    _held = ()
+
+    def _reset(self):
+        super()._reset()
+        self._held, self._held_bytes = [], 0   # the batches waiting for their metrics
+
+    def after_batch(self):
+        "Add the batch's loss and metrics, or let it wait if it may; then compute the waiting batches if there are enough."
+        if self._cancelled: return
+        learn = self.learn
+        if not self.metrics or self._sums is None or not self._may_wait(learn.pred, learn.yb):   # the first batch of a pass never waits
+            self.evaluate_held()                                                                # the batches before this one first
+            return super().after_batch()
+        pred, yb = learn.pred.detach(), learn.yb.detach()
+        self._held.append((learn.loss.detach(), pred, yb, learn.iter))
+        self._held_bytes += pred.nbytes + yb.nbytes
+        if len(self._held) >= self.hold_batches or self._held_bytes >= self.hold_bytes: self.evaluate_held()
+
+    def _may_wait(self, pred, yb):
+        "Pure metrics, dense tensors on the CPU, and predictions in memory of their own, not a view of anything or a parameter."
+        return (all(getattr(m, 'pure_metric', False) for m in self.metrics) and _dense_on_cpu(pred) and _dense_on_cpu(yb)
+                and pred._base is None and pred.untyped_storage().nbytes() == pred.nbytes
+                and not (pred.is_leaf and pred.requires_grad))
+
+    def evaluate_held(self):
+        "Compute the metrics of the waiting batches, oldest first, and add them to the sums: then the sums count every batch so far."
+        held, self._held, self._held_bytes = self._held, [], 0
+        for batch in held: self._add_batch(*batch)
+
+    def before_validate(self):
+        self.evaluate_held()
+        super().before_validate()
+
+    def after_epoch(self):
+        self.evaluate_held()
+        super().after_epoch()
+
+    def after_fit(self):
+        "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
+        self._held, self._held_bytes = [], 0
 
 # %% ../nbs/03_learner.ipynb #ckpt-read
 CHECKPOINT_VERSION = 1   # the layout of the checkpoint dict; `read_checkpoint` refuses a newer one
