@@ -375,17 +375,20 @@ class MetricsCallback(MetricsCallback):
                 except Exception as e: raise self._noted(e, name, i)
         self._add(torch.stack([_as_float32(v) for v in values]), len(yb))
 
-    def _noted(self, e, name, i):
-        "`e`, with a note that names the metric and the batch, and, if it was computed late, the batch `learn.pred` now belongs to."
-        where, now = 'validation' if self._validating else 'training', self.learn.iter
-        late = '' if i == now else f" (it waited and was computed at batch {now}; learn.pred and learn.yb now hold batch {now}'s)"
-        e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass{late}")
-        return e
-
     def _add(self, batch, n):
         # the weight as the add's `alpha`: one small op per batch, not a product and a sum
         self._sums = (torch.zeros_like(batch) if self._sums is None else self._sums).add_(batch, alpha=n)
         self._count += n
+
+# %% ../nbs/03_learner.ipynb #mcb-noted
+@patch
+def _noted(self: MetricsCallback, e, name, i):
+    "`e`, with a note that names the metric and the batch, and, if it was computed late, the batch `learn.pred` now belongs to."
+    where, now = 'validation' if self._validating else 'training', self.learn.iter
+    late = '' if i == now else f" (it waited and was computed at batch {now}; learn.pred and learn.yb now hold batch {now}'s)"
+    e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass{late}")
+    return e
+
 
 # %% ../nbs/03_learner.ipynb #b1bcb2d5
 @patch
@@ -498,6 +501,8 @@ def pure_metric(f):
     f.pure_metric = True
     return f
 
+
+# %% ../nbs/03_learner.ipynb #mcb-hold-class
 class MetricsCallback(MetricsCallback):
     __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
     hold_batches, hold_bytes = 32, 4 * 2**20   # the most batches, and bytes of predictions and targets, that wait for the metrics
@@ -519,28 +524,30 @@ class MetricsCallback(MetricsCallback):
         self._held_bytes += pred.nbytes + yb.nbytes
         if len(self._held) >= self.hold_batches or self._held_bytes >= self.hold_bytes: self.evaluate_held()
 
-    def _may_wait(self, pred, yb):
-        "Pure metrics, dense tensors on the CPU, and predictions in memory of their own, not a view of anything or a parameter."
-        return (all(getattr(m, 'pure_metric', False) for m in self.metrics) and _dense_on_cpu(pred) and _dense_on_cpu(yb)
-                and pred._base is None and pred.untyped_storage().nbytes() == pred.nbytes
-                and not (pred.is_leaf and pred.requires_grad))
+    # whatever reads the sums computes the waiting batches first
+    def before_validate(self): self.evaluate_held(); super().before_validate()
+    def after_epoch(self): self.evaluate_held(); super().after_epoch()
 
-    def evaluate_held(self):
-        "Compute the metrics of the waiting batches, oldest first, and add them to the sums: then the sums count every batch so far."
-        held, self._held, self._held_bytes = self._held, [], 0
-        for batch in held: self._add_batch(*batch)
 
-    def before_validate(self):
-        self.evaluate_held()
-        super().before_validate()
+# %% ../nbs/03_learner.ipynb #mcb-hold-read
+@patch
+def _may_wait(self: MetricsCallback, pred, yb):
+    "Pure metrics, dense tensors on the CPU, and predictions in memory of their own, not a view of anything or a parameter."
+    return (all(getattr(m, 'pure_metric', False) for m in self.metrics) and _dense_on_cpu(pred) and _dense_on_cpu(yb)
+            and pred._base is None and pred.untyped_storage().nbytes() == pred.nbytes
+            and not (pred.is_leaf and pred.requires_grad))
 
-    def after_epoch(self):
-        self.evaluate_held()
-        super().after_epoch()
+@patch
+def evaluate_held(self: MetricsCallback):
+    "Compute the metrics of the waiting batches, oldest first, and add them to the sums: then the sums count every batch so far."
+    held, self._held, self._held_bytes = self._held, [], 0
+    for batch in held: self._add_batch(*batch)
 
-    def after_fit(self):
-        "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
-        self._held, self._held_bytes = [], 0
+@patch
+def after_fit(self: MetricsCallback):
+    "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
+    self._held, self._held_bytes = [], 0
+
 
 # %% ../nbs/03_learner.ipynb #ckpt-read
 CHECKPOINT_VERSION = 1   # the layout of the checkpoint dict; `read_checkpoint` refuses a newer one
