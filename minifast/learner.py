@@ -389,7 +389,6 @@ def _noted(self: MetricsCallback, e, name, i):
     e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass{late}")
     return e
 
-
 # %% ../nbs/03_learner.ipynb #b1bcb2d5
 @patch
 def _averages(self: MetricsCallback, sums, count): return [None] * len(self.metric_names) if sums is None else (sums / count).tolist()
@@ -501,7 +500,6 @@ def pure_metric(f):
     f.pure_metric = True
     return f
 
-
 # %% ../nbs/03_learner.ipynb #mcb-hold-class
 class MetricsCallback(MetricsCallback):
     __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
@@ -528,7 +526,6 @@ class MetricsCallback(MetricsCallback):
     def before_validate(self): self.evaluate_held(); super().before_validate()
     def after_epoch(self): self.evaluate_held(); super().after_epoch()
 
-
 # %% ../nbs/03_learner.ipynb #mcb-hold-read
 @patch
 def _may_wait(self: MetricsCallback, pred, yb):
@@ -547,7 +544,6 @@ def evaluate_held(self: MetricsCallback):
 def after_fit(self: MetricsCallback):
     "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
     self._held, self._held_bytes = [], 0
-
 
 # %% ../nbs/03_learner.ipynb #ckpt-read
 CHECKPOINT_VERSION = 1   # the layout of the checkpoint dict; `read_checkpoint` refuses a newer one

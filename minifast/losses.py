@@ -84,7 +84,6 @@ def accuracy_multi(outputs: torch.Tensor,  # logits, or probabilities when `sigm
 # %% ../nbs/02_losses.ipynb #pure-metric
 accuracy.pure_metric = accuracy_multi.pure_metric = True
 
-
 # %% ../nbs/02_losses.ipynb #98cf3be7
 def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     "log(sum(exp(x))) along `dim`, shifted by the maximum so that nothing overflows."
