@@ -499,8 +499,18 @@ def measure_ddp(data, mode, rounds, log):
 
 
 # --- the machine ----------------------------------------------------------------------------------
+def cpu_name():
+    "The CPU's model name, family and model numbers, and the instruction set PyTorch's CPU kernels use (AVX2, AVX512...)."
+    try: fields = dict(line.split(':', 1) for line in open('/proc/cpuinfo').read().split('\n\n')[0].splitlines() if ':' in line)
+    except OSError: fields = {}
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    numbers = ', '.join(f'{k} {fields[k]}' for k in ('cpu family', 'model') if k in fields)
+    return (f"{fields.get('model name', platform.processor())} ({numbers + '; ' if numbers else ''}"
+            f"PyTorch's CPU kernels: {torch.backends.cpu.get_cpu_capability()})")
+
+
 def machine_info():
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), platform.processor())
+    cpu = cpu_name()
     def git(*args):
         try: return subprocess.run(['git', *args], cwd=BENCH.parent, capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError): return ''
