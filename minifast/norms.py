@@ -6,8 +6,8 @@ Docs: https://minifast.github.io/minifast/batchnorm.html.md"""
 
 # %% auto #0
 __all__ = ['NFS', 'GENERAL_RELU', 'DEFAULT_NORMS', 'BatchNorm', 'get_norm_cnn', 'fit_cnn', 'LayerNorm', 'InstanceNorm',
-           'GroupNorm', 'running_moments', 'factor_and_offset', 'running_batch_norm_step', 'RunningBatchNormStep',
-           'RunningBatchNorm', 'NormComparison', 'compare_norms', 'compiled_running_step']
+           'GroupNorm', 'running_moments', 'factor_and_offset', 'running_batch_norm_step', 'RunningBatchNorm',
+           'NormComparison', 'compare_norms', 'RunningBatchNormStep', 'compiled_running_step']
 
 # %% ../nbs/07_batchnorm.ipynb #284d4df6
 import math, time
@@ -152,59 +152,10 @@ def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, he
     factor, offset = factor_and_offset(*running_moments(new), mults, adds, min_var, eps)
     return x * factor + offset
 
-# %% ../nbs/07_batchnorm.ipynb #0ecb4206
-_ZERO, _ONE = torch.zeros(()), torch.ones(())
-
-def _times(t: torch.Tensor, s: float) -> torch.Tensor:
-    "`t · s` for a Python number `s`, given as `alpha`: PyTorch would first copy `s` into a tensor, which costs more than the product on a tiny tensor."
-    return torch.add(_ZERO, t, alpha=s)
-
-_bn_backward = torch.ops.aten.native_batch_norm_backward.default
-
-# %% ../nbs/07_batchnorm.ipynb #c3a3b454
-class RunningBatchNormStep(torch.autograd.Function):
-    "A training step of `RunningBatchNorm` after the warm-up, with a backward pass written out so that it costs less than autograd's (bench/README.md has the figures)."
-    @staticmethod
-    def forward(ctx, x, mults, adds, running, share: float, min_var: float, eps: float):
-        "Fold the batch into the running averages `running` (in place), then normalise `x` with them."
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
-        batch = torch.stack([mean, torch.addcmul(var, mean, mean)])     # ... and E[x²]
-        history = running if running.dtype == batch.dtype else running.to(batch.dtype)   # float64 for float64 inputs
-        new = torch.lerp(history, batch, share)   # a new tensor: `backward` needs these means after the next step
-        running.copy_(new)
-        means, squares = new.unbind()
-        varns = torch.addcmul(squares, means, means, value=-1).clamp_min_(min_var)
-        weight = mults.view(-1)
-        ctx.save_for_backward(x, weight)
-        ctx.numbers = means, varns, share, eps   # neither inputs nor outputs, so plain attributes will do
-        # (x − means) / √(varns + eps) · mults + adds: BatchNorm in eval mode with these statistics, one fused pass
-        return torch.batch_norm(x, weight, adds.view(-1), means, varns, False, 0., eps, torch.backends.cudnn.enabled)
-
-# %% ../nbs/07_batchnorm.ipynb #3335622e
-class RunningBatchNormStep(RunningBatchNormStep):
-    __doc__ = RunningBatchNormStep.__doc__   # a class's docstring is not inherited: keep the first cell's
-    @staticmethod
-    def backward(ctx, grad):
-        "BatchNorm's training-mode backward kernel, given this batch's share of the running statistics."
-        (x, weight), (means, varns, share, eps) = ctx.saved_tensors, ctx.numbers
-        inv_std = torch.add(varns, _ONE, alpha=eps).rsqrt_()
-        # BatchNorm's training-mode backward, told that the batch's statistics are `means` and `varns`, returns T, the
-        # gradient if they were this batch's own; ours is share·T + (1 − share)·g·mults·inv_std (see Under the hood).
-        # Given share·mults as the weight it returns share·T, and the parameters' gradients, which do not depend on it.
-        grad_x, grad_mults, grad_adds = _bn_backward(grad, x, _times(weight, share), None, None, means, inv_std, True,
-                                                     0., [True, True, True])
-        grad_x.addcmul_(grad, torch.addcmul(_ZERO, weight, inv_std, value=1 - share).view(-1, 1, 1))
-        return grad_x, grad_mults.view(-1, 1, 1), grad_adds.view(-1, 1, 1), None, None, None, None
-
-    @classmethod
-    def apply(cls, *args):
-        "`Function.apply` without its Python preamble unless a functorch transform is active; the preamble also unwraps tensors left from a finished transform, which a norm layer is not given (bench/README.md: its cost)."
-        if torch._C._are_functorch_transforms_active(): return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*args)   # PyTorch's C++ apply, which `Function.apply` ends with
-
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with running statistics in training too, for tiny batches (lesson 10)."
+    step_after_warmup = staticmethod(running_batch_norm_step)   # the training step after the warm-up (see Under the hood)
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
                  warmup_items: int = 20, # clamp the variance for this many items seen
                  warmup_var: float = 0.01, # ... to at least this
@@ -218,7 +169,7 @@ class RunningBatchNorm(nn.Module):
         # The count and the step counters depend only on batch sizes: Python numbers, so that they cost
         # no device op and no sync; saved with the model through `get_extra_state`.
         self.count, self.n_batches, self.n_items = 0., 0, 0
-        self._eval_key = None   # what `eval_inputs` computed eval mode's inputs from
+        self._eval_key = None   # what eval mode's inputs were computed from (Under the hood: *Eval mode, computed once*)
 
     @property
     def min_var(self) -> float:
@@ -266,27 +217,13 @@ def factor_offset(self: RunningBatchNorm):
     "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5): eval mode is `x * factor + offset`."
     return factor_and_offset(*running_moments(self.running), self.mults, self.adds, self.min_var, self.eps)
 
+
+# %% ../nbs/07_batchnorm.ipynb #rbn-tensors
 def _tensors(norm: nn.Module) -> tuple:
     "`norm.mults, norm.adds, norm.running`, read from the module's dicts without `nn.Module.__getattr__`, whose Python fallback costs as much as a few small ops (bench/README.md)."
     params = norm._parameters
     return params['mults'], params['adds'], norm._buffers['running']
 
-def _note(t: torch.Tensor) -> tuple:
-    "Which tensor `t` is, where its data lives and how often it has been changed in place: Python numbers, no device read."
-    return id(t), t.data_ptr(), t._version
-
-@patch
-def eval_inputs(self: RunningBatchNorm, dtype: torch.dtype = torch.float32): # float64 for float64 inputs
-    "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
-    mults, adds, running = _tensors(self)
-    key = (_note(running), _note(mults), _note(adds), self.min_var, dtype,
-           torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
-    if key != self._eval_key:
-        if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
-        means, varns = running_moments(running.to(dtype).clone())   # a copy: not a view of the buffer, which training changes
-        self._eval_inputs = mults.to(dtype).view(-1), adds.to(dtype).view(-1), means, varns.clamp_min(self.min_var)
-        self._eval_key = key
-    return self._eval_inputs
 
 # %% ../nbs/07_batchnorm.ipynb #94382f68
 @patch
@@ -297,7 +234,7 @@ def forward(self: RunningBatchNorm, x):
     share, min_var = self.count_batch(x.shape[0], x.numel() / self.n_channels), self.min_var
     if self.compiled: step = compiled_running_step
     elif min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
-    else: step = RunningBatchNormStep.apply
+    else: step = self.step_after_warmup
     mults, adds, running = _tensors(self)
     if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, running, share, min_var, self.eps)
     # in float32 for half-precision inputs and layers, like the other norms; in float64 for float64 inputs
@@ -386,6 +323,79 @@ def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,)
                 set_seed(seed)
                 rows.append(dict(norm=name, batch_size=bs, lr=lr, **_grid_cell(norm, subset, bs, lr, n_epochs, schedule, printer)))
     return NormComparison(rows)
+
+# %% ../nbs/07_batchnorm.ipynb #0ecb4206
+_ZERO, _ONE = torch.zeros(()), torch.ones(())
+
+def _times(t: torch.Tensor, s: float) -> torch.Tensor:
+    "`t · s` for a Python number `s`, given as `alpha`: PyTorch would first copy `s` into a tensor, which costs more than the product on a tiny tensor."
+    return torch.add(_ZERO, t, alpha=s)
+
+_bn_backward = torch.ops.aten.native_batch_norm_backward.default
+
+# %% ../nbs/07_batchnorm.ipynb #c3a3b454
+class RunningBatchNormStep(torch.autograd.Function):
+    "A training step of `RunningBatchNorm` after the warm-up, with a backward pass written out so that it costs less than autograd's (bench/README.md has the figures)."
+    @staticmethod
+    def forward(ctx, x, mults, adds, running, share: float, min_var: float, eps: float):
+        "Fold the batch into the running averages `running` (in place), then normalise `x` with them."
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.)    # the batch's per-channel mean and biased variance
+        batch = torch.stack([mean, torch.addcmul(var, mean, mean)])     # ... and E[x²]
+        history = running if running.dtype == batch.dtype else running.to(batch.dtype)   # float64 for float64 inputs
+        new = torch.lerp(history, batch, share)   # a new tensor: `backward` needs these means after the next step
+        running.copy_(new)
+        means, squares = new.unbind()
+        varns = torch.addcmul(squares, means, means, value=-1).clamp_min_(min_var)
+        weight = mults.view(-1)
+        ctx.save_for_backward(x, weight)
+        ctx.numbers = means, varns, share, eps   # neither inputs nor outputs, so plain attributes will do
+        # (x − means) / √(varns + eps) · mults + adds: BatchNorm in eval mode with these statistics, one fused pass
+        return torch.batch_norm(x, weight, adds.view(-1), means, varns, False, 0., eps, torch.backends.cudnn.enabled)
+
+# %% ../nbs/07_batchnorm.ipynb #3335622e
+class RunningBatchNormStep(RunningBatchNormStep):
+    __doc__ = RunningBatchNormStep.__doc__   # a class's docstring is not inherited: keep the first cell's
+    @staticmethod
+    def backward(ctx, grad):
+        "BatchNorm's training-mode backward kernel, given this batch's share of the running statistics."
+        (x, weight), (means, varns, share, eps) = ctx.saved_tensors, ctx.numbers
+        inv_std = torch.add(varns, _ONE, alpha=eps).rsqrt_()
+        # BatchNorm's training-mode backward, told that the batch's statistics are `means` and `varns`, returns T, the
+        # gradient if they were this batch's own; ours is share·T + (1 − share)·g·mults·inv_std (see Under the hood).
+        # Given share·mults as the weight it returns share·T, and the parameters' gradients, which do not depend on it.
+        grad_x, grad_mults, grad_adds = _bn_backward(grad, x, _times(weight, share), None, None, means, inv_std, True,
+                                                     0., [True, True, True])
+        grad_x.addcmul_(grad, torch.addcmul(_ZERO, weight, inv_std, value=1 - share).view(-1, 1, 1))
+        return grad_x, grad_mults.view(-1, 1, 1), grad_adds.view(-1, 1, 1), None, None, None, None
+
+    @classmethod
+    def apply(cls, *args):
+        "`Function.apply` without its Python preamble unless a functorch transform is active; the preamble also unwraps tensors left from a finished transform, which a norm layer is not given (bench/README.md: its cost)."
+        if torch._C._are_functorch_transforms_active(): return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)   # PyTorch's C++ apply, which `Function.apply` ends with
+
+# %% ../nbs/07_batchnorm.ipynb #rbn-plug
+RunningBatchNorm.step_after_warmup = staticmethod(RunningBatchNormStep.apply)
+
+
+# %% ../nbs/07_batchnorm.ipynb #rbn-eval-cache
+def _note(t: torch.Tensor) -> tuple:
+    "Which tensor `t` is, where its data lives and how often it has been changed in place: Python numbers, no device read."
+    return id(t), t.data_ptr(), t._version
+
+@patch
+def eval_inputs(self: RunningBatchNorm, dtype: torch.dtype = torch.float32): # float64 for float64 inputs
+    "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
+    mults, adds, running = _tensors(self)
+    key = (_note(running), _note(mults), _note(adds), self.min_var, dtype,
+           torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
+    if key != self._eval_key:
+        if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
+        means, varns = running_moments(running.to(dtype).clone())   # a copy: not a view of the buffer, which training changes
+        self._eval_inputs = mults.to(dtype).view(-1), adds.to(dtype).view(-1), means, varns.clamp_min(self.min_var)
+        self._eval_key = key
+    return self._eval_inputs
+
 
 # %% ../nbs/07_batchnorm.ipynb #455ecf69
 _compiled_step = None
