@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from .data import DataLoader, DataLoaders
 from .learner import Callback, Learner, MetricsCallback
 from .hooks import ActivationStats
-from .norms import BatchNorm, RunningBatchNorm, factor_and_offset, running_moments, _check_input, _stats_dtype, _stats_input, _times
+from .norms import BatchNorm, RunningBatchNorm, factor_and_offset, running_moments, _check_input, _stats_dtype, _times
 
 # %% ../nbs/09_distributed.ipynb #d011
 def shard_bounds(n: int, # items in the global batch
@@ -249,6 +249,10 @@ class AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
+
+def _stats_input(x):
+    "`x` in float32 if it is half precision, so that sums and squares cannot overflow."
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 def _global_sums(x):
     "Per-channel sums and sums of squares of `x`, then its batch size and items per channel, summed over the ranks."

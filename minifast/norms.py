@@ -25,10 +25,6 @@ from .schedule import one_cycle
 from .hooks import BatchTransformXCallback, DeviceCallback, get_cnn_model, init_cnn, view_tfm
 
 # %% ../nbs/07_batchnorm.ipynb #988f64bc
-def _stats_input(x):
-    "`x` in float32 if it is half precision, so that sums and squares cannot overflow."
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
 def _stats_dtype(x) -> torch.dtype:
     "The dtype a norm's statistics are computed in for input `x`: float64 for float64, float32 for the rest."
     return torch.float64 if x.dtype == torch.float64 else torch.float32
