@@ -151,7 +151,7 @@ def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, he
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with running statistics in training too, for tiny batches (lesson 10)."
-    step_after_warmup = staticmethod(running_batch_norm_step)   # the training step after the warm-up (see Under the hood)
+    step_after_warmup = staticmethod(running_batch_norm_step)   # the training step after the warm-up (Under the hood puts in a faster one)
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
                  warmup_items: int = 20, # clamp the variance for this many items seen
                  warmup_var: float = 0.01, # ... to at least this
@@ -357,7 +357,7 @@ class RunningBatchNormStep(RunningBatchNormStep):
         (x, weight), (means, varns, share, eps) = ctx.saved_tensors, ctx.numbers
         inv_std = torch.add(varns, _ONE, alpha=eps).rsqrt_()
         # BatchNorm's training-mode backward, told that the batch's statistics are `means` and `varns`, returns T, the
-        # gradient if they were this batch's own; ours is share·T + (1 − share)·g·mults·inv_std (see Under the hood).
+        # gradient if they were this batch's own; ours is share·T + (1 − share)·g·mults·inv_std (see *RunningBatchNorm's backward pass*).
         # Given share·mults as the weight it returns share·T, and the parameters' gradients, which do not depend on it.
         grad_x, grad_mults, grad_adds = _bn_backward(grad, x, _times(weight, share), None, None, means, inv_std, True,
                                                      0., [True, True, True])
