@@ -213,13 +213,11 @@ def factor_offset(self: RunningBatchNorm):
     "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5): eval mode is `x * factor + offset`."
     return factor_and_offset(*running_moments(self.running), self.mults, self.adds, self.min_var, self.eps)
 
-
 # %% ../nbs/07_batchnorm.ipynb #rbn-tensors
 def _tensors(norm: nn.Module) -> tuple:
     "`norm.mults, norm.adds, norm.running`, read from the module's dicts without `nn.Module.__getattr__`, whose Python fallback costs as much as a few small ops (bench/README.md)."
     params = norm._parameters
     return params['mults'], params['adds'], norm._buffers['running']
-
 
 # %% ../nbs/07_batchnorm.ipynb #94382f68
 @patch
@@ -357,7 +355,7 @@ class RunningBatchNormStep(RunningBatchNormStep):
         (x, weight), (means, varns, share, eps) = ctx.saved_tensors, ctx.numbers
         inv_std = torch.add(varns, _ONE, alpha=eps).rsqrt_()
         # BatchNorm's training-mode backward, told that the batch's statistics are `means` and `varns`, returns T, the
-        # gradient if they were this batch's own; ours is share·T + (1 − share)·g·mults·inv_std (see *RunningBatchNorm's backward pass*).
+        # gradient if they were this batch's own; ours is share·T + (1 − share)·g·mults·inv_std (derived above).
         # Given share·mults as the weight it returns share·T, and the parameters' gradients, which do not depend on it.
         grad_x, grad_mults, grad_adds = _bn_backward(grad, x, _times(weight, share), None, None, means, inv_std, True,
                                                      0., [True, True, True])
@@ -372,7 +370,6 @@ class RunningBatchNormStep(RunningBatchNormStep):
 
 # %% ../nbs/07_batchnorm.ipynb #rbn-plug
 RunningBatchNorm.step_after_warmup = staticmethod(RunningBatchNormStep.apply)
-
 
 # %% ../nbs/07_batchnorm.ipynb #rbn-eval-cache
 def _note(t: torch.Tensor) -> tuple:
@@ -391,7 +388,6 @@ def eval_inputs(self: RunningBatchNorm, dtype: torch.dtype = torch.float32): # f
         self._eval_inputs = mults.to(dtype).view(-1), adds.to(dtype).view(-1), means, varns.clamp_min(self.min_var)
         self._eval_key = key
     return self._eval_inputs
-
 
 # %% ../nbs/07_batchnorm.ipynb #455ecf69
 _compiled_step = None
