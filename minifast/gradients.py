@@ -187,10 +187,12 @@ class UpdateStats(Callback):
         self._before = [torch.empty_like(w) for w in self._weights]   # the weights before a recorded step
         self.n_recorded, self._recording, self._stage = 0, False, 0
 
-    def before_batch(self):
-        learn = self.learn
-        self._recording = learn.in_train and learn.n_iter % self.every == 0 and self.n_recorded < self.stats.shape[1]
-        self._stage = 0   # 1 after the backward pass was recorded, 2 after the step
+# %% ../nbs/08_gradients.ipynb #us-before-batch
+@patch
+def before_batch(self: UpdateStats):
+    learn = self.learn
+    self._recording = learn.in_train and learn.n_iter % self.every == 0 and self.n_recorded < self.stats.shape[1]
+    self._stage = 0   # 1 after the backward pass was recorded, 2 after the step
 
 # %% ../nbs/08_gradients.ipynb #4981193c
 def _norms_into(tensors, row):
