@@ -31,8 +31,8 @@ def shard_bounds(n: int, # items in the global batch
 
 def epoch_order(n: int, # number of items
                 seed: int, epoch: int) -> torch.Tensor:
-    "The shuffled order of `n` items for `epoch`: the same on every rank, from a generator seeded with `seed + epoch`."
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    "The shuffled order of `n` items for `epoch`: the same on every rank, from a generator seeded with `seed + 1_000_000 * epoch`."
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_000 * epoch))   # epoch 0: `seed` itself
 
 # %% ../nbs/09_distributed.ipynb #d014
 class ShardedLoader:
@@ -100,7 +100,7 @@ def default_backend() -> str:
 class DistributedCallback(Callback):
     "Makes a fit data-parallel under `torchrun`: joins the group, shards every global batch, wraps the model in DDP."
     _order = -20   # first: the other callbacks see this rank's slice and the wrapped model
-    def __init__(self, seed: int = 0, # the shuffled order of epoch `e` comes from `seed + e`, on every rank
+    def __init__(self, seed: int = 0, # the shuffled order of epoch `e` comes from `epoch_order(n, seed, e)`, on every rank
                  backend: str = None, # default: `default_backend()`
                  timeout: float = 300.): # seconds a collective waits for the other ranks before failing
         self.seed, self.backend, self.timeout, self.created_group = seed, backend, timeout, False
