@@ -190,6 +190,7 @@ class UpdateStats(Callback):
 # %% ../nbs/08_gradients.ipynb #us-before-batch
 @patch
 def before_batch(self: UpdateStats):
+    "Decide whether this batch is recorded: a training batch, every `every`-th, while there is room."
     learn = self.learn
     self._recording = learn.in_train and learn.n_iter % self.every == 0 and self.n_recorded < self.stats.shape[1]
     self._stage = 0   # 1 after the backward pass was recorded, 2 after the step
