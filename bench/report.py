@@ -46,11 +46,10 @@ NOISY = ('Runs of the same code have read this row on both sides of the target (
          'of this run spread widely: at this precision the machine, not the code, decides the verdict. bench/README.md '
          'says what the row costs and what was tried.')
 WHY_MISSED[('loop', 'Learner.fit', 32)] = (
-    'Mostly the machine: runs of this measure on 2026-12-06 read 1.011, 1.023 and 1.072 for small changes to the code, and '
-    'the row "no MetricsCallback", which the metrics do not touch, moved from 1.003 to 1.040 with them. What a batch costs '
-    'beyond the loop is the training metrics (on the CPU computed a few batches late, in one burst, where they cost less), '
-    'the stack and add that keep the sums, the event dispatch and the non-finite check. bench/README.md has side runs with '
-    'short rounds, which spread less, and the previous code in the same rounds.')
+    'At about 4 ms a batch, what the Learner does per batch beyond the loop shows: the event dispatch, the counters and the '
+    'non-finite check (the row "no MetricsCallback"), and adding each loss into the sums straight after the step (the row '
+    '"loss only", which costs as much as the loss and the accuracy now that the accuracy waits and runs in bursts). The '
+    'rounds are slices of the epoch, so the interval is narrow enough to call this a miss. bench/README.md gives the runs.')
 WHY_MISSED[('layer', 'RunningBatchNorm, eval mode', 1024)] = (
     "At this size both arms run the same fused eval-mode kernel, which takes almost all of the time; what differs is a "
     "microsecond or two of Python per call, less than the machine's spread from run to run (the run before read 0.986).")
