@@ -84,6 +84,9 @@ class Learner:
         self.opt = opt_func(groups, lr=lr)
         self.cbs, self._dispatch = [], {}
         self.in_train, self.epoch, self.n_epochs, self.iter = False, 0, 0, 0
+        # what `fit` and `TrainEvalCallback` set, here from the start, so that `add_cbs` refuses a callback that would hide them
+        self.xb = self.yb = self.pred = self.dl = None
+        self.loss, self.iters, self.n_epochs_done, self.n_iter = torch.tensor(0.), 0, 0., 0
         defaults = [TrainEvalCallback()]  # always: it switches train/eval mode and counts progress
         if default_cbs: defaults.append(MetricsCallback(metrics))
         if default_cbs and progress_wanted(): defaults.append(ProgressCallback())
@@ -204,6 +207,7 @@ def _check_finite(self: Learner):
     raise NonFiniteLossError(f"the training loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}; "
                              "the step was not taken. Lower the learning rate, or pass nonfinite='skip'.")
 
+# %% ../nbs/03_learner.ipynb #all-batches
 @patch
 def _all_batches(self: Learner, dl, event: str): # 'before_epoch' or 'before_validate', run first
     self.dl, self.iters = dl, len(dl)
@@ -260,8 +264,8 @@ def _raise_if_nonfinite(self: Learner, wait: bool = True): # False: only look at
     else: return
     if batch < 0: return
     raise NonFiniteLossError(f"the training loss is {loss} at epoch {self.epoch}, batch {int(batch)}; checked on the device and read "
-                             f"at batch {self.iter}: the steps since were taken with zero gradients wherever the loss was not finite, "
-                             "so no step was taken on a non-finite loss. Lower the learning rate, or pass nonfinite='skip'.")
+                             f"at batch {self.iter}: each batch whose loss was not finite stepped with zero gradients, so no gradient "
+                             "from a non-finite loss reached the weights. Lower the learning rate, or pass nonfinite='skip'.")
 
 # %% ../nbs/03_learner.ipynb #47d791a0
 @patch
