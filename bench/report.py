@@ -47,9 +47,9 @@ NOISY = ('Runs of the same code have read this row on both sides of the target (
          'says what the row costs and what was tried.')
 WHY_MISSED[('loop', 'Learner.fit', 32)] = (
     'At about 4 ms a batch, what the Learner does per batch beyond the loop shows: the event dispatch, the counters and the '
-    'non-finite check (the row "no MetricsCallback"), and adding each loss into the sums straight after the step (the row '
-    '"loss only", which costs as much as the loss and the accuracy now that the accuracy waits and runs in bursts). The '
-    'rounds are slices of the epoch, so the interval is narrow enough to call this a miss. bench/README.md gives the runs.')
+    'non-finite check (the row "no MetricsCallback"), and keeping the training loss and accuracy, evaluated in bursts of '
+    'held batches (the loss alone, added at once, costs about as much). The rounds are slices of the epoch, so the '
+    "median's interval is narrow enough to call this a miss. bench/README.md gives the runs.")
 WHY_MISSED[('layer', 'RunningBatchNorm, eval mode', 1024)] = (
     "At this size both arms run the same fused eval-mode kernel, which takes almost all of the time; what differs is a "
     "microsecond or two of Python per call, less than the machine's spread from run to run (the run before read 0.986).")
