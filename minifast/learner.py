@@ -7,9 +7,9 @@ Docs: https://minifast.github.io/minifast/learner.html.md"""
 # %% auto #0
 __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'CancelTrainException', 'CancelEpochException', 'CancelBatchException',
            'NonFiniteLossError', 'Callback', 'Learner', 'snapshot_state', 'restore_state', 'TrainEvalCallback',
-           'MetricsCallback', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback', 'pure_metric',
-           'CheckpointError', 'read_checkpoint', 'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states',
-           'set_rng_states', 'has_state', 'SaveCheckpoint', 'MixedPrecision']
+           'MetricsCallback', 'progress_wanted', 'plot_losses', 'show_live', 'ProgressCallback', 'CheckpointError',
+           'read_checkpoint', 'model_mismatches', 'param_names', 'opt_mismatches', 'rng_states', 'set_rng_states',
+           'has_state', 'SaveCheckpoint', 'pure_metric', 'MixedPrecision']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
 import copy, math, os, pickle, random, re, sys, tempfile, warnings
@@ -357,6 +357,9 @@ class MetricsCallback(Callback):
 
     def before_batch(self): self._cancelled = False
     def after_cancel_batch(self): self._cancelled = True
+    def evaluate_held(self):
+        "Compute the batches that wait for their metrics: none in this version, which computes each batch at once."
+
 
 # %% ../nbs/03_learner.ipynb #488fac5c
 def _as_float32(t): return t if t.dtype == torch.float32 else t.float()
@@ -495,59 +498,6 @@ def after_fit(self: ProgressCallback):
     if self.pbar is not None: self.pbar.on_iter_end()
     if self.mbar is not None: self.mbar.on_iter_end()
     self.mbar = self.pbar = None
-
-# %% ../nbs/03_learner.ipynb #mcb-hold-code
-def _dense_on_cpu(x): return isinstance(x, torch.Tensor) and x.device.type == 'cpu' and x.layout == torch.strided
-
-def pure_metric(f):
-    "Mark `f` as a metric whose value depends on its arguments alone (no state, no randomness, no side effects): `MetricsCallback` may compute it a few batches late."
-    f.pure_metric = True
-    return f
-
-# %% ../nbs/03_learner.ipynb #mcb-hold-class
-class MetricsCallback(MetricsCallback):
-    __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
-    hold_batches, hold_bytes = 32, 4 * 2**20   # the most batches, and bytes of predictions and targets, that wait for the metrics
-    _held = ()
-
-    def _reset(self):
-        super()._reset()
-        self._held, self._held_bytes = [], 0   # the batches waiting for their metrics
-
-    def after_batch(self):
-        "Add the batch's loss and metrics, or let it wait if it may; then compute the waiting batches if there are enough."
-        if self._cancelled: return
-        learn = self.learn
-        if not self.metrics or self._sums is None or not self._may_wait(learn.pred, learn.yb):   # the first batch of a pass never waits
-            self.evaluate_held()                                                                # the batches before this one first
-            return super().after_batch()
-        pred, yb = learn.pred.detach(), learn.yb.detach()
-        self._held.append((learn.loss.detach(), pred, yb, learn.iter))
-        self._held_bytes += pred.nbytes + yb.nbytes
-        if len(self._held) >= self.hold_batches or self._held_bytes >= self.hold_bytes: self.evaluate_held()
-
-    # whatever reads the sums computes the waiting batches first
-    def before_validate(self): self.evaluate_held(); super().before_validate()
-    def after_epoch(self): self.evaluate_held(); super().after_epoch()
-
-# %% ../nbs/03_learner.ipynb #mcb-hold-read
-@patch
-def _may_wait(self: MetricsCallback, pred, yb):
-    "Pure metrics, dense tensors on the CPU, and predictions in memory of their own, not a view of anything or a parameter."
-    return (all(getattr(m, 'pure_metric', False) for m in self.metrics) and _dense_on_cpu(pred) and _dense_on_cpu(yb)
-            and pred._base is None and pred.untyped_storage().nbytes() == pred.nbytes
-            and not (pred.is_leaf and pred.requires_grad))
-
-@patch
-def evaluate_held(self: MetricsCallback):
-    "Compute the metrics of the waiting batches, oldest first, and add them to the sums: then the sums count every batch so far."
-    held, self._held, self._held_bytes = self._held, [], 0
-    for batch in held: self._add_batch(*batch)
-
-@patch
-def after_fit(self: MetricsCallback):
-    "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
-    self._held, self._held_bytes = [], 0
 
 # %% ../nbs/03_learner.ipynb #ckpt-read
 CHECKPOINT_VERSION = 1   # the layout of the checkpoint dict; `read_checkpoint` refuses a newer one
@@ -833,6 +783,59 @@ def _resume_epoch(self: Learner, dl):
     for _ in range(fit['batch']): next(batches)   # the same order, drawn from the same generators; these batches were done
     set_rng_states(fit['rng'], self.dls)
     return enumerate(batches, fit['batch'])
+
+# %% ../nbs/03_learner.ipynb #mcb-hold-code
+def _dense_on_cpu(x): return isinstance(x, torch.Tensor) and x.device.type == 'cpu' and x.layout == torch.strided
+
+def pure_metric(f):
+    "Mark `f` as a metric whose value depends on its arguments alone (no state, no randomness, no side effects): `MetricsCallback` may compute it a few batches late."
+    f.pure_metric = True
+    return f
+
+# %% ../nbs/03_learner.ipynb #mcb-hold-class
+class MetricsCallback(MetricsCallback):
+    __doc__ = MetricsCallback.__doc__   # a class's docstring is not inherited: keep the first cell's
+    hold_batches, hold_bytes = 32, 4 * 2**20   # the most batches, and bytes of predictions and targets, that wait for the metrics
+    _held = ()
+
+    def _reset(self):
+        super()._reset()
+        self._held, self._held_bytes = [], 0   # the batches waiting for their metrics
+
+    def after_batch(self):
+        "Add the batch's loss and metrics, or let it wait if it may; then compute the waiting batches if there are enough."
+        if self._cancelled: return
+        learn = self.learn
+        if not self.metrics or self._sums is None or not self._may_wait(learn.pred, learn.yb):   # the first batch of a pass never waits
+            self.evaluate_held()                                                                # the batches before this one first
+            return super().after_batch()
+        pred, yb = learn.pred.detach(), learn.yb.detach()
+        self._held.append((learn.loss.detach(), pred, yb, learn.iter))
+        self._held_bytes += pred.nbytes + yb.nbytes
+        if len(self._held) >= self.hold_batches or self._held_bytes >= self.hold_bytes: self.evaluate_held()
+
+    # whatever reads the sums computes the waiting batches first
+    def before_validate(self): self.evaluate_held(); super().before_validate()
+    def after_epoch(self): self.evaluate_held(); super().after_epoch()
+
+# %% ../nbs/03_learner.ipynb #mcb-hold-read
+@patch
+def _may_wait(self: MetricsCallback, pred, yb):
+    "Pure metrics, dense tensors on the CPU, and predictions in memory of their own, not a view of anything or a parameter."
+    return (all(getattr(m, 'pure_metric', False) for m in self.metrics) and _dense_on_cpu(pred) and _dense_on_cpu(yb)
+            and pred._base is None and pred.untyped_storage().nbytes() == pred.nbytes
+            and not (pred.is_leaf and pred.requires_grad))
+
+@patch
+def evaluate_held(self: MetricsCallback):
+    "Compute the metrics of the waiting batches, oldest first, and add them to the sums: then the sums count every batch so far."
+    held, self._held, self._held_bytes = self._held, [], 0
+    for batch in held: self._add_batch(*batch)
+
+@patch
+def after_fit(self: MetricsCallback):
+    "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
+    self._held, self._held_bytes = [], 0
 
 # %% ../nbs/03_learner.ipynb #mp-class
 class MixedPrecision(Callback):
