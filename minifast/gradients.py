@@ -169,6 +169,7 @@ def plot_hists(self: GradientStats):
 class UpdateStats(Callback):
     "Records per parameter tensor and recorded training batch: the gradient's norm and log10(‖step‖/‖weights‖), on device."
     _order = 15
+    runs_in_lr_find = False   # notebook 05's lr_find leaves it out: it would record the finder's run
     def __init__(self, every: int = 1): # record every `every`-th training batch
         _check_every('UpdateStats', every)
         self.every, self.stats, self.n_recorded = every, None, 0

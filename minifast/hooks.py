@@ -153,6 +153,7 @@ def sample_step(n: int, max_samples: int) -> int:
 class ActivationStats(Callback):
     "Records each hooked layer's mean, std, `bins`-bin histogram, near-zero share and out-of-range shares per training batch, on device."
     _order = 15
+    runs_in_lr_find = False   # notebook 05's lr_find leaves it out: it would record the finder's run
     def __init__(self, modules=None, # layers to watch; default: every `GeneralRelu` of the model
                  bins: int = 40, hist_range=(-1., 9.), near_zero: float = 0.25,
                  every: int = 1, # record every `every`-th training batch

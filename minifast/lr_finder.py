@@ -10,7 +10,8 @@ __all__ = ['LRFinder', 'LRFindResult', 'suggest_lr', 'lr_find', 'EarlyStoppingCa
 # %% ../nbs/05_lr_finder.ipynb #5802fa0b
 import copy, math
 import matplotlib.pyplot as plt
-from .learner import Callback, CancelTrainException, MetricsCallback, MixedPrecision
+from .learner import Callback, CancelTrainException, MetricsCallback, MixedPrecision, SaveCheckpoint
+from .schedule import ParamScheduler, Recorder
 
 # %% ../nbs/05_lr_finder.ipynb #17e448ea
 class LRFinder(Callback):
@@ -81,6 +82,11 @@ def suggest_lr(lrs, losses, beta: float = 0.98, skip_start: int = 10):
     if not slopes: return None
     return finite[min(slopes, key=slopes.get)][0]
 
+# %% ../nbs/05_lr_finder.ipynb #lrfind-who
+Callback.runs_in_lr_find = True   # lr_find runs it; False: lr_find takes it out for its run and puts it back after
+for _cls in (MetricsCallback, SaveCheckpoint, Recorder, ParamScheduler): _cls.runs_in_lr_find = False
+
+
 # %% ../nbs/05_lr_finder.ipynb #c995b780
 def lr_find(learn, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 100, stop_factor: float = 10.) -> LRFindResult:
     "Run an `LRFinder` on `learn`, then restore its model, its optimiser and its loss scale exactly as they were."
@@ -90,7 +96,7 @@ def lr_find(learn, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 10
     was_training = learn.model.training
     finder = LRFinder(min_lr, max_lr, max_iter, stop_factor)
     n_epochs = math.ceil(max_iter / len(learn.dls.train))
-    hidden = [cb for cb in learn.cbs if isinstance(cb, MetricsCallback)]
+    hidden = [cb for cb in learn.cbs if not cb.runs_in_lr_find]   # metrics, recorders, checkpoints, schedules, stoppers
     try:
         learn.remove_cbs(hidden)
         learn.fit(n_epochs, cbs=finder)
@@ -106,6 +112,7 @@ def lr_find(learn, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 10
 class EarlyStoppingCallback(Callback):
     "Stops the fit when `monitor` (a `MetricsCallback` history key) has not improved for `patience` epochs."
     _order = 30
+    runs_in_lr_find = False   # it would find no metrics in lr_find's run, and has nothing to stop there
     def __init__(self, monitor: str = 'valid_loss', patience: int = 1, min_delta: float = 0., mode: str = 'min'):
         if mode not in ('min', 'max'): raise ValueError(f"EarlyStoppingCallback: mode must be 'min' or 'max', got {mode!r}")
         self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, min_delta, mode
