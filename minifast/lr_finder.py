@@ -120,6 +120,9 @@ class EarlyStoppingCallback(Callback):
     def before_fit(self):
         if not hasattr(self.learn, 'metrics'):
             raise ValueError("EarlyStoppingCallback needs the learner's MetricsCallback (default_cbs=True)")
+        recorded = ['epoch'] + [f'{p}_{n}' for n in self.learn.metrics.metric_names for p in ('train', 'valid')]
+        if self.monitor not in recorded:   # before any batch, not after the first epoch
+            raise KeyError(f"EarlyStoppingCallback: no {self.monitor!r} in the metrics; there are {sorted(recorded)}")
         self.best, self.wait, self.stopped_epoch = None, 0, None
 
     def after_epoch(self):
