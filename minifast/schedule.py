@@ -90,7 +90,11 @@ class Recorder(Callback):
     def __init__(self, param_names=('lr',)): self.param_names = param_names
 
     def before_fit(self):
-        self.params = {name: [[] for _ in self.learn.opt.param_groups] for name in self.param_names}
+        groups = self.learn.opt.param_groups
+        for name in self.param_names:   # a typo would otherwise record a list of None
+            if name not in groups[0]: raise KeyError(f"Recorder: the optimiser's param groups have no {name!r}; "
+                                                     f"they have {sorted(k for k in groups[0] if k != 'params')}")
+        self.params = {name: [[] for _ in groups] for name in self.param_names}
         self._losses = []
 
     def after_batch(self):
