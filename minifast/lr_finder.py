@@ -17,7 +17,10 @@ from .schedule import ParamScheduler, Recorder
 class LRFinder(Callback):
     "Grows the lr exponentially from `min_lr` to `max_lr` over `max_iter` batches; stops when the loss diverges."
     _order = 1
-    def __init__(self, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 100, stop_factor: float = 10.):
+    def __init__(self, min_lr: float = 1e-6, # the first batch's lr
+                 max_lr: float = 10., # the lr the schedule would reach at batch `max_iter`
+                 max_iter: int = 100, # the most batches
+                 stop_factor: float = 10.): # stop once the loss passes this many times its best
         if not 0 < min_lr < max_lr: raise ValueError(f"LRFinder needs 0 < min_lr < max_lr, got {min_lr} and {max_lr}")
         self.min_lr, self.max_lr, self.max_iter, self.stop_factor = min_lr, max_lr, max_iter, stop_factor
 
@@ -56,7 +59,7 @@ class LRFindResult:
         self.lrs, self.losses, self.stopped_early = lrs, losses, stopped_early
         self.suggestion = suggest_lr(lrs, losses)
 
-    def plot(self, skip_end: int = 3):
+    def plot(self, skip_end: int = 3): # leave out the last few batches, where a diverging loss would squash the curve
         "Loss against lr on a log scale, with the suggested lr marked; returns the figure."
         n = max(len(self.lrs) - skip_end, 1)
         fig, ax = plt.subplots(figsize=(5, 3))
@@ -68,7 +71,9 @@ class LRFindResult:
         return fig
 
 # %% ../nbs/05_lr_finder.ipynb #babbf68c
-def suggest_lr(lrs, losses, beta: float = 0.98, skip_start: int = 10):
+def suggest_lr(lrs, losses,
+               beta: float = 0.98, # the smoothing: each batch weighs 1 - beta in the average
+               skip_start: int = 10): # batches left out at the start, where the average has seen too few
     "The lr where the smoothed loss falls fastest per unit of log lr, between `skip_start` and the loss's minimum."
     finite = [(lr, l) for lr, l in zip(lrs, losses) if math.isfinite(l)]
     if len(finite) < skip_start + 3: return None
@@ -88,7 +93,8 @@ for _cls in (MetricsCallback, SaveCheckpoint, Recorder, ParamScheduler): _cls.ru
 
 
 # %% ../nbs/05_lr_finder.ipynb #c995b780
-def lr_find(learn, min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 100, stop_factor: float = 10.) -> LRFindResult:
+def lr_find(learn, # the `Learner` to explore; left as it was
+            min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 100, stop_factor: float = 10.) -> LRFindResult: # as for `LRFinder`
     "Run an `LRFinder` on `learn`, then restore its model, its optimiser and its loss scale exactly as they were."
     model_state = copy.deepcopy(learn.model.state_dict())
     opt_state = copy.deepcopy(learn.opt.state_dict())
@@ -113,7 +119,10 @@ class EarlyStoppingCallback(Callback):
     "Stops the fit when `monitor` (a `MetricsCallback` history key) has not improved for `patience` epochs."
     _order = 30
     runs_in_lr_find = False   # it would find no metrics in lr_find's run, and has nothing to stop there
-    def __init__(self, monitor: str = 'valid_loss', patience: int = 1, min_delta: float = 0., mode: str = 'min'):
+    def __init__(self, monitor: str = 'valid_loss', # a key of `MetricsCallback.history`
+                 patience: int = 1, # epochs without a new best before stopping
+                 min_delta: float = 0., # how much better than the best a value must be to count as a new one
+                 mode: str = 'min'): # 'min' for a loss, 'max' for an accuracy
         if mode not in ('min', 'max'): raise ValueError(f"EarlyStoppingCallback: mode must be 'min' or 'max', got {mode!r}")
         self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, min_delta, mode
 
