@@ -84,13 +84,15 @@ class Learner:
         self.opt = opt_func(groups, lr=lr)
         self.cbs, self._dispatch = [], {}
         self.in_train, self.epoch, self.n_epochs, self.iter = False, 0, 0, 0
-        # what `fit` and `TrainEvalCallback` set, here from the start, so that `add_cbs` refuses a callback that would hide them
-        self.xb = self.yb = self.pred = self.dl = None
-        self.loss, self.iters, self.n_epochs_done, self.n_iter = torch.tensor(0.), 0, 0., 0
         defaults = [TrainEvalCallback()]  # always: it switches train/eval mode and counts progress
         if default_cbs: defaults.append(MetricsCallback(metrics))
         if default_cbs and progress_wanted(): defaults.append(ProgressCallback())
         self.add_cbs(defaults + listify(cbs))
+
+# %% ../nbs/03_learner.ipynb #learner-fit-attrs
+Learner.xb = Learner.yb = Learner.pred = Learner.dl = Learner.loss = None   # set by `fit` at every batch
+Learner.iters, Learner.n_iter, Learner.n_epochs_done = 0, 0, 0.                 # and by `TrainEvalCallback`
+
 
 # %% ../nbs/03_learner.ipynb #99b8dbdd
 class Learner(Learner):
@@ -342,8 +344,7 @@ class MetricsCallback(Callback):
         self._new_epoch()
         if self.printer is not None: self.printer('epoch ' + ' '.join(f'train_{n} valid_{n}' for n in self.metric_names))
 
-    def _reset(self):
-        self._sums, self._count = None, 0
+    def _reset(self): self._sums, self._count = None, 0
 
     def _new_epoch(self):
         self._reset()
@@ -357,8 +358,7 @@ class MetricsCallback(Callback):
 
     def before_batch(self): self._cancelled = False
     def after_cancel_batch(self): self._cancelled = True
-    def evaluate_held(self):
-        "Compute the batches that wait for their metrics: none in this version, which computes each batch at once."
+    def evaluate_held(self): "Compute the batches that wait for their metrics: none here, where each batch is computed at once."
 
 
 # %% ../nbs/03_learner.ipynb #488fac5c

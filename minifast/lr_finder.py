@@ -10,6 +10,7 @@ __all__ = ['LRFinder', 'LRFindResult', 'suggest_lr', 'lr_find', 'EarlyStoppingCa
 # %% ../nbs/05_lr_finder.ipynb #5802fa0b
 import copy, math
 import matplotlib.pyplot as plt
+from fastcore.basics import patch
 from .learner import Callback, CancelTrainException, MetricsCallback, MixedPrecision, SaveCheckpoint
 from .schedule import ParamScheduler, Recorder
 
@@ -134,16 +135,21 @@ class EarlyStoppingCallback(Callback):
             raise KeyError(f"EarlyStoppingCallback: no {self.monitor!r} in the metrics; there are {sorted(recorded)}")
         self.best, self.wait, self.stopped_epoch = None, 0, None
 
-    def after_epoch(self):
-        history = self.learn.metrics.history[-1]
-        if self.monitor not in history:
-            raise KeyError(f"EarlyStoppingCallback: no {self.monitor!r} in the metrics; there are {sorted(history)}")
-        value = history[self.monitor]
-        sign = 1 if self.mode == 'min' else -1
-        if self.best is None or sign * (self.best - value) > self.min_delta:
-            self.best, self.wait = value, 0
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
-            self.stopped_epoch = self.learn.epoch
-            raise CancelTrainException()
+
+# %% ../nbs/05_lr_finder.ipynb #es-after-epoch
+@patch
+def after_epoch(self: EarlyStoppingCallback):
+    "Note a new best of `monitor`, or count one more epoch without; stop after `patience` of them."
+    history = self.learn.metrics.history[-1]
+    if self.monitor not in history:
+        raise KeyError(f"EarlyStoppingCallback: no {self.monitor!r} in the metrics; there are {sorted(history)}")
+    value = history[self.monitor]
+    sign = 1 if self.mode == 'min' else -1
+    if self.best is None or sign * (self.best - value) > self.min_delta:
+        self.best, self.wait = value, 0
+        return
+    self.wait += 1
+    if self.wait >= self.patience:
+        self.stopped_epoch = self.learn.epoch
+        raise CancelTrainException()
+

@@ -91,9 +91,8 @@ class Recorder(Callback):
 
     def before_fit(self):
         groups = self.learn.opt.param_groups
-        for name in self.param_names:   # a typo would otherwise record a list of None
-            if name not in groups[0]: raise KeyError(f"Recorder: the optimiser's param groups have no {name!r}; "
-                                                     f"they have {sorted(k for k in groups[0] if k != 'params')}")
+        for name in [n for n in self.param_names if n not in groups[0]]:   # a typo would otherwise record a list of None
+            raise KeyError(f"Recorder: the optimiser's param groups have no {name!r}; they have {sorted(k for k in groups[0] if k != 'params')}")
         self.params = {name: [[] for _ in groups] for name in self.param_names}
         self._losses = []
 
