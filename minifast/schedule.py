@@ -21,7 +21,7 @@ from .learner import Callback, CheckpointError
 # %% ../nbs/04_schedule.ipynb #4917990c
 def annealer(f):
     "Turn `f(start, end, pos)` into `f(start, end)` returning a function of `pos`."
-    def make(start, end=None): return partial(f, start, end)
+    def make(start, end): return partial(f, start, end)
     make.__name__ = make.__qualname__ = f.__name__
     make.__doc__, make.__module__ = f.__doc__, f.__module__
     return make
@@ -36,10 +36,10 @@ def sched_cos(start, end, pos):
     "Half a cosine from `start` to `end`: slow at both ends, fast in the middle."
     return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
 
-@annealer
-def sched_no(start, end, pos):
-    "Constant `start`."
-    return start
+def _constant(start, pos): return start
+def sched_no(start, end=None):
+    "Constant `start`; `end` may be left out (it is accepted, and ignored, so that `sched_no` is called like the others)."
+    return partial(_constant, start)
 
 @annealer
 def sched_exp(start, end, pos):
