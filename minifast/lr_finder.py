@@ -140,10 +140,7 @@ class EarlyStoppingCallback(Callback):
 @patch
 def after_epoch(self: EarlyStoppingCallback):
     "Note a new best of `monitor`, or count one more epoch without; stop after `patience` of them."
-    history = self.learn.metrics.history[-1]
-    if self.monitor not in history:
-        raise KeyError(f"EarlyStoppingCallback: no {self.monitor!r} in the metrics; there are {sorted(history)}")
-    value = history[self.monitor]
+    value = self.learn.metrics.history[-1][self.monitor]   # there: `before_fit` checked the name
     sign = 1 if self.mode == 'min' else -1
     if self.best is None or sign * (self.best - value) > self.min_delta:
         self.best, self.wait = value, 0

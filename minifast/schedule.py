@@ -62,6 +62,11 @@ def combine_scheds(pcts, scheds):
     return combined
 
 # %% ../nbs/04_schedule.ipynb #a4fda569
+def _check_param(who: str, groups, name: str):
+    "A `KeyError` naming `who` if the optimiser's param `groups` have no hyper-parameter `name`."
+    if name not in groups[0]:
+        raise KeyError(f"{who}: the optimiser's param groups have no {name!r}; they have {sorted(k for k in groups[0] if k != 'params')}")
+
 class ParamScheduler(Callback):
     "Sets `param_name` in each optimiser param group from `sched_funcs` (one, or one per group) before each training batch."
     _order = 1
@@ -69,9 +74,7 @@ class ParamScheduler(Callback):
 
     def before_fit(self):
         groups = self.learn.opt.param_groups
-        if self.param_name not in groups[0]:
-            raise KeyError(f"ParamScheduler: the optimiser's param groups have no {self.param_name!r}; "
-                           f"they have {sorted(k for k in groups[0] if k != 'params')}")
+        _check_param('ParamScheduler', groups, self.param_name)
         funcs = self.sched_funcs if isinstance(self.sched_funcs, (list, tuple)) else [self.sched_funcs] * len(groups)
         if len(funcs) != len(groups):
             raise ValueError(f"ParamScheduler: {len(funcs)} schedules for {len(groups)} param groups")
@@ -91,8 +94,7 @@ class Recorder(Callback):
 
     def before_fit(self):
         groups = self.learn.opt.param_groups
-        for name in [n for n in self.param_names if n not in groups[0]]:   # a typo would otherwise record a list of None
-            raise KeyError(f"Recorder: the optimiser's param groups have no {name!r}; they have {sorted(k for k in groups[0] if k != 'params')}")
+        for name in self.param_names: _check_param('Recorder', groups, name)   # a typo would otherwise record a list of None
         self.params = {name: [[] for _ in groups] for name in self.param_names}
         self._losses = []
 
