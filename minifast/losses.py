@@ -113,3 +113,16 @@ def cross_entropy(logits: torch.Tensor,  # raw model outputs, (batch, n_classes)
     _check_class_targets('cross_entropy', logits, targets)
     _check_labels('cross_entropy', targets, logits.shape[1])
     return F.cross_entropy(logits, targets, ignore_index=_NO_LABEL_IGNORED)
+
+# %% ../nbs/02_losses.ipynb #acc-per-batch
+def _accuracy_per_batch(preds, targets):
+    "`accuracy` of each of several batches in one call: the same float32 numbers as a call per batch."
+    for logits, t in zip(preds, targets): _check_class_targets('accuracy', logits, t)
+    hits = (predict_class(torch.cat(preds)) == torch.cat(targets)).cumsum(0)   # the hits so far, item by item
+    hits = torch.cat([hits.new_zeros(1), hits])
+    sizes = torch.tensor([len(t) for t in targets], device=hits.device)
+    ends = sizes.cumsum(0)
+    return (hits[ends] - hits[ends - sizes]).float() / sizes.float()         # each batch's hits over its size
+
+accuracy.per_batch = _accuracy_per_batch
+
