@@ -837,6 +837,12 @@ def evaluate_held(self: MetricsCallback):
         for row, (_, _, yb, _) in zip(rows, held): self._add(row, len(yb))   # the same adds, in the same order
 
 @patch
+def after_fit(self: MetricsCallback):
+    "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
+    self._held, self._held_bytes = [], 0
+
+# %% ../nbs/03_learner.ipynb #mcb-rows
+@patch
 def _rows_at_once(self: MetricsCallback, held):
     "Each waiting batch's loss and metrics as a row, from one `per_batch` call per metric; None if a metric has none, or it fails."
     per_batch = [getattr(m, 'per_batch', None) for m in self.metrics]
@@ -844,14 +850,13 @@ def _rows_at_once(self: MetricsCallback, held):
     losses, preds, ybs, _ = zip(*held)
     try:
         with torch.no_grad():
-            columns = [torch.stack([_as_float32(l) for l in losses])] + [_as_float32(f(preds, ybs)) for f in per_batch]
+            columns = [torch.stack([_as_float32(l) for l in losses])]
+            for f, name in zip(per_batch, self.metric_names[1:]): columns.append(_as_float32(f(preds, ybs)).view(len(held)))
             return torch.stack(columns, dim=1).unbind(0)
-    except Exception: return None   # then one batch at a time, where an error names its batch
+    except Exception as e:   # then one batch at a time, where an error names its batch
+        warnings.warn(f"MetricsCallback: {name}.per_batch failed ({e!r}); computing the {len(held)} waiting batches one at a time")
+        return None
 
-@patch
-def after_fit(self: MetricsCallback):
-    "A fit that ended in the middle of a pass (a cancel, an error) keeps no batches alive."
-    self._held, self._held_bytes = [], 0
 
 # %% ../nbs/03_learner.ipynb #mp-class
 class MixedPrecision(Callback):

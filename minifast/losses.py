@@ -67,7 +67,7 @@ def _check_class_targets(fn, logits, targets):
                          "expected outputs (batch, n_classes) and targets (batch,) of class indices")
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    "Single-label accuracy: the fraction of rows whose largest logit is at the target class."
+    "Single-label accuracy: the fraction of rows whose largest logit is at the target class (`accuracy.per_batch`: several batches in one call)."
     _check_class_targets('accuracy', logits, targets)
     return (predict_class(logits) == targets).float().mean()
 
@@ -116,11 +116,13 @@ def cross_entropy(logits: torch.Tensor,  # raw model outputs, (batch, n_classes)
 
 # %% ../nbs/02_losses.ipynb #acc-per-batch
 def _accuracy_per_batch(preds, targets):
-    "`accuracy` of each of several batches in one call: the same float32 numbers as a call per batch."
+    "`accuracy` of each of several batches in one call: on the CPU, the same float32 numbers as a call per batch."
+    if len(preds) == 0 or len(preds) != len(targets):
+        raise ValueError(f"accuracy.per_batch: needs as many target batches as prediction batches, at least one; got {len(preds)} and {len(targets)}")
     for logits, t in zip(preds, targets): _check_class_targets('accuracy', logits, t)
     hits = (predict_class(torch.cat(preds)) == torch.cat(targets)).cumsum(0)   # the hits so far, item by item
     hits = torch.cat([hits.new_zeros(1), hits])
-    sizes = torch.tensor([len(t) for t in targets], device=hits.device)
+    sizes = torch.tensor([len(t) for t in targets]).to(hits.device)
     ends = sizes.cumsum(0)
     return (hits[ends] - hits[ends - sizes]).float() / sizes.float()         # each batch's hits over its size
 
