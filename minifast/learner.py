@@ -848,14 +848,14 @@ def _rows_at_once(self: MetricsCallback, held):
     per_batch = [getattr(m, 'per_batch', None) for m in self.metrics]
     if len(held) < 2 or None in per_batch: return None
     losses, preds, ybs, _ = zip(*held)
-    try:
-        with torch.no_grad():
-            columns = [torch.stack([_as_float32(l) for l in losses])]
-            for f, name in zip(per_batch, self.metric_names[1:]): columns.append(_as_float32(f(preds, ybs)).view(len(held)))
-            return torch.stack(columns, dim=1).unbind(0)
-    except Exception as e:   # then one batch at a time, where an error names its batch
-        warnings.warn(f"MetricsCallback: {name}.per_batch failed ({e!r}); computing the {len(held)} waiting batches one at a time")
-        return None
+    columns = [torch.stack([_as_float32(l) for l in losses])]   # scalars, or the pass's first batch, computed at once, would have failed
+    for f, name in zip(per_batch, self.metric_names[1:]):
+        try:
+            with torch.no_grad(): columns.append(_as_float32(f(preds, ybs)).reshape(len(held)))
+        except Exception as e:   # then one batch at a time, where an error names its batch
+            warnings.warn(f"MetricsCallback: {name}.per_batch failed ({e!r}); computing the {len(held)} waiting batches one at a time")
+            return None
+    return torch.stack(columns, dim=1).unbind(0)
 
 
 # %% ../nbs/03_learner.ipynb #mp-class
