@@ -187,6 +187,7 @@ class UpdateStats(Callback):
         self.stats = self._rows.transpose(0, 1)
         self._before = [torch.empty_like(w) for w in self._weights]   # the weights before a recorded step
         self.n_recorded, self._recording, self._stage = 0, False, 0
+        self._no_backward = []   # the recorded batches cancelled before their backward pass: no gradient to flag
 
 # %% ../nbs/08_gradients.ipynb #us-before-batch
 @patch
@@ -224,6 +225,7 @@ def after_batch(self: UpdateStats):
     if not self._recording: return
     self._recording = False
     if self._stage < 2: self.stats[self._stage:, self.n_recorded] = float('nan')   # a cancelled batch: no step to measure
+    if self._stage == 0: self._no_backward.append(self.n_recorded)
     self.n_recorded += 1
 
 # %% ../nbs/08_gradients.ipynb #c56545f1
@@ -240,8 +242,9 @@ def grad_norms(self: UpdateStats) -> torch.Tensor:
 @patch(as_prop=True)
 def nonfinite(self: UpdateStats) -> torch.Tensor:
     "True where a gradient held a NaN or an infinity (its norm is not finite), parameters × recorded batches."
-    grads, weights, _ = self._recorded()
-    return ~grads.isfinite() & weights.isfinite()   # a cancelled batch (all NaN) is not flagged
+    flags = ~self._recorded()[0].isfinite()
+    flags[:, self._no_backward] = False   # a batch cancelled before its backward pass had no gradient
+    return flags
 
 @patch(as_prop=True)
 def update_ratios(self: UpdateStats) -> torch.Tensor:
