@@ -282,11 +282,12 @@ def plot(self: NormComparison):
     fig, ax = plt.subplots(figsize=(1.2 * len(norms) * len(sizes) / 2 + 3, 3.5))
     width = 0.8 / len(sizes)
     for j, bs in enumerate(sizes):
-        accs = []
-        for norm in norms:
+        accs, xs = [], [i + j * width for i in range(len(norms))]
+        for x, norm in zip(xs, norms):
             rows = [r for r in self.rows if r['norm'] == norm and r['batch_size'] == bs]
+            if rows and all(r['diverged'] for r in rows): ax.text(x, 0.02, 'diverged', rotation=90, ha='center', va='bottom', fontsize=7)
             accs.append(0. if not rows else max(0. if math.isnan(r['valid_accuracy']) else r['valid_accuracy'] for r in rows))
-        ax.bar([i + j * width for i in range(len(norms))], accs, width, label=f'batch size {bs}')
+        ax.bar(xs, accs, width, label=f'batch size {bs}')
     ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(norms))], norms, rotation=30, ha='right')
     ax.set_ylabel('valid accuracy'); ax.set_ylim(0, 1); ax.legend(fontsize=8)
     fig.tight_layout()
