@@ -25,10 +25,6 @@ from .schedule import one_cycle
 from .hooks import BatchTransformXCallback, DeviceCallback, get_cnn_model, init_cnn, view_tfm
 
 # %% ../nbs/07_batchnorm.ipynb #988f64bc
-def _stats_dtype(x) -> torch.dtype:
-    "The dtype a norm's statistics are computed in for input `x`: float64 for float64, float32 for the rest."
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 def _check_input(layer, x, n_channels=None):
     "Raise a clear error unless `x` is 4D with `n_channels` channels."
     name = type(layer).__name__
@@ -37,6 +33,11 @@ def _check_input(layer, x, n_channels=None):
     if n_channels is not None and x.shape[1] != n_channels:
         raise ValueError(f"{name} was built for {n_channels} channels but got an input with {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
+
+# %% ../nbs/07_batchnorm.ipynb #stats-dtype
+def _stats_dtype(x) -> torch.dtype:
+    "The dtype a norm's statistics are computed in for input `x`: float64 for float64, float32 for the rest."
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 # %% ../nbs/07_batchnorm.ipynb #bfbec034
 class BatchNorm(nn.Module):
@@ -66,6 +67,7 @@ def get_norm_cnn(norm=None, nfs=NFS, n_classes: int = 10) -> nn.Module:
     "The lesson's CNN with `norm` after each convolution, `GeneralRelu` and Kaiming init."
     return init_cnn(get_cnn_model(n_classes, nfs, norm=norm, **GENERAL_RELU), leak=GENERAL_RELU['leak'])
 
+# %% ../nbs/07_batchnorm.ipynb #fit-cnn
 def fit_cnn(model, data, batch_size: int, lr: float, n_epochs: int = 1, schedule: bool = True,
             valid_batch_size: int = 512, cbs=(), printer=print, opt_func=torch.optim.SGD, loss_func=cross_entropy) -> Learner:
     "Train `model` on flat 28×28 `data` (x_train, y_train, x_valid, y_valid), one-cycle if `schedule`."
@@ -183,6 +185,7 @@ def set_extra_state(self: RunningBatchNorm, state):
     if state.get('running') != 'averages' and self.count > 0:   # an older checkpoint's sums, loaded just before this
         with torch.no_grad(): self.running.div_(self.count)
 
+# %% ../nbs/07_batchnorm.ipynb #rbn-sums
 @patch(as_prop=True)
 def sums(self: RunningBatchNorm) -> torch.Tensor:
     "The lesson's running sums, per channel: the running mean times the count."
@@ -303,6 +306,7 @@ def _grid_cell(norm, data, batch_size: int, lr: float, n_epochs: int, schedule: 
     return dict(valid_accuracy=last['valid_accuracy'], valid_loss=last['valid_loss'],
                 sec_per_epoch=(time.perf_counter() - start) / n_epochs, diverged=False)
 
+# %% ../nbs/07_batchnorm.ipynb #compare-norms
 def compare_norms(data, norms: dict = None, batch_sizes=(512, 32, 2), lrs=(0.4,), n_epochs: int = 1,
                   n_train=None, # dict batch_size -> how many training images to use (default: all)
                   schedule: bool = True, seed: int = 0, printer=None) -> NormComparison:
