@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import patch
 from .data import DataLoader, DataLoaders
 from .learner import Callback, Learner, MetricsCallback
-from .hooks import ActivationStats
+from .hooks import ActivationStats, DeviceCallback
 from .norms import BatchNorm, RunningBatchNorm, factor_and_offset, running_moments, _check_input, _stats_dtype, _times
 
 # %% ../nbs/09_distributed.ipynb #d011
@@ -117,6 +117,15 @@ class DistributedCallback(Callback):
         self.created_group = True
         atexit.register(_teardown_group)
 
+# %% ../nbs/09_distributed.ipynb #gloo-device
+def _device_for_gloo(learn) -> torch.device:
+    "Where a gloo rank trains: a `DeviceCallback`'s device if the learner has one (it moves the model only after DDP has wrapped it), else the model's."
+    placed = [cb.device for cb in learn.cbs if isinstance(cb, DeviceCallback)]
+    device = placed[-1] if placed else next(learn.model.parameters()).device
+    if device.type == 'cuda' and device.index is None: device = torch.device('cuda', torch.cuda.current_device())
+    return device
+
+
 # %% ../nbs/09_distributed.ipynb #d022
 @patch
 def before_fit(self: DistributedCallback):
@@ -126,7 +135,7 @@ def before_fit(self: DistributedCallback):
     learn = self.learn
     self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
     self.device = (torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl'
-                   else next(learn.model.parameters()).device)
+                   else _device_for_gloo(learn))
     unsynced = unsynced_norms(learn.model)
     if unsynced and self.world_size > 1:
         warnings.warn(f"DistributedCallback: {', '.join(unsynced)} normalise with this rank's share of the batch only; "
