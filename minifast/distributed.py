@@ -104,6 +104,7 @@ class DistributedCallback(Callback):
                  backend: str = None, # default: `default_backend()`
                  timeout: float = 300.): # seconds a collective waits for the other ranks before failing
         self.seed, self.backend, self.timeout, self.created_group = seed, backend, timeout, False
+        self.epochs_before = 0   # epochs this callback's earlier fits ran: the next fit's orders go on from there
 
     def _join(self):
         "Join the process group `torchrun` describes in the environment, unless one exists."
@@ -130,6 +131,7 @@ def _device_for_gloo(learn) -> torch.device:
 @patch
 def before_fit(self: DistributedCallback):
     self._outer_error = sys.exc_info()[1]   # an exception being handled around the whole fit is not the fit's
+    self.order_epoch = None                  # the number of the epoch in progress, for `epoch_order`
     self.dls, self.printers = None, {}      # what `after_fit` puts back, even if joining fails
     self._join()
     learn = self.learn
@@ -151,7 +153,9 @@ def before_fit(self: DistributedCallback):
 
 @patch
 def before_epoch(self: DistributedCallback):
-    for dl in (self.learn.dls.train, self.learn.dls.valid): dl.epoch = self.learn.epoch
+    "Number the epoch for its shuffled order: after the epochs of this callback's earlier fits, so that no fit replays another's orders."
+    self.order_epoch = self.epochs_before + self.learn.epoch
+    for dl in (self.learn.dls.train, self.learn.dls.valid): dl.epoch = self.order_epoch
 
 # %% ../nbs/09_distributed.ipynb #4e14eeef
 _batch_in_flight = None   # (global size, this rank's share) of the batch in flight, noted by `DistributedCallback`
@@ -172,7 +176,7 @@ def after_loss(self: DistributedCallback):
     if not learn.in_train: return
     local, n = learn.loss, len(learn.yb)
     dtype = torch.promote_types(local.dtype, torch.float32)
-    totals = torch.stack([local.detach().to(dtype) * n, torch.tensor(n, dtype=dtype, device=local.device)])
+    totals = torch.stack([local.detach().to(dtype) * n, local.new_full((), n, dtype=dtype)])   # filled on the device, not copied
     dist.all_reduce(totals)   # one tiny collective per step: the sum of the losses and the global batch size
     # DDP averages the ranks' gradients; scaling this rank's by n·W/N makes that average Σ n_r·g_r / N
     learn.loss = _GlobalLoss.apply(local, (totals[0] / totals[1]).to(local.dtype), n * self.world_size / totals[1])
@@ -214,6 +218,7 @@ def after_fit(self: DistributedCallback):
     error = sys.exc_info()[1]   # `after_fit` runs inside the fit's `except` block when the fit failed
     learn, failed = self.learn, error is not None and error is not self._outer_error
     learn.model = unwrap(learn.model)
+    if self.order_epoch is not None: self.epochs_before = self.order_epoch + 1
     if self.dls is not None: learn.dls = self.dls
     for cb, printer in self.printers.items(): cb.printer = printer
     if failed:   # no collective: a peer may be stuck in one, or gone
@@ -266,8 +271,8 @@ def _stats_input(x):
 def _global_sums(x):
     "Per-channel sums and sums of squares of `x`, then its batch size and items per channel, summed over the ranks."
     xf = _stats_input(x)
-    sizes = xf.new_tensor([x.shape[0], x.numel() // x.shape[1]])
-    return AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), sizes]))
+    batch, per_channel = xf.new_full((1,), x.shape[0]), xf.new_full((1,), x.numel() // x.shape[1])   # filled on the device
+    return AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), batch, per_channel]))
 
 # %% ../nbs/09_distributed.ipynb #d039
 def _synced_batch_norm(x, weight, bias, running_mean, running_var, mom, eps: float):

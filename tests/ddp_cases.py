@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minifast.foundations import set_seed
 from minifast.data import DataLoader, DataLoaders
@@ -81,18 +82,41 @@ def make_learner(case, cbs=(), nonfinite='raise', lr=0.1):
                    opt_func=partial(torch.optim.SGD, momentum=0.9),
                    cbs=[BatchTransformXCallback(view_tfm(1, 28, 28))] + extra + list(cbs))
 
+class HostTraffic(TorchDispatchMode):
+    """Notes, during training batches, every tensor that code in minifast/distributed.py builds from Python data
+    (`aten.lift_fresh`: on a GPU, a copy from the host that waits) or reads back (`aten._local_scalar_dense`, `.item()`)."""
+    OPS = {torch.ops.aten.lift_fresh.default, torch.ops.aten._local_scalar_dense.default}
+    FILE = str(Path(distributed.__file__).resolve())
+    def __init__(self):
+        super().__init__()
+        self.in_batch, self.seen = False, []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.in_batch and func in self.OPS:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename != self.FILE: frame = frame.f_back
+            if frame is not None: self.seen.append(f'{func} in {frame.f_code.co_name}')
+        return func(*args, **(kwargs or {}))
+
+class WatchTrainingBatches(Callback):
+    "Switches `HostTraffic` on for each training batch: from the first `before_batch` to the first `after_batch` (DistributedCallback has none)."
+    _order = -100
+    def __init__(self, mode): self.mode = mode
+    def before_batch(self): self.mode.in_batch = self.learn.in_train
+    def after_batch(self): self.mode.in_batch = False
+
 def run_equivalence(case, out):
     "10 steps (one epoch) and a validation pass; on `plain32` also a checkpoint and what each rank printed."
-    recorder, stats = StepRecorder(), ActivationStats(hist_sample=None)
-    learn = make_learner(case, cbs=[recorder, stats])
+    recorder, stats, traffic = StepRecorder(), ActivationStats(hist_sample=None), HostTraffic()
+    learn = make_learner(case, cbs=[recorder, stats, WatchTrainingBatches(traffic)])
     printed, host_reads = io.StringIO(), []
     read = distributed._read_batch_size   # the synced RunningBatchNorm's fallback when no callback noted the batch size
     distributed._read_batch_size = lambda *args: (host_reads.append(1), read(*args))[1]
     try:
-        with contextlib.redirect_stdout(printed): learn.fit(1)
+        with contextlib.redirect_stdout(printed), traffic: learn.fit(1)
     finally: distributed._read_batch_size = read
     result = dict(states=torch.stack(recorder.states), history=learn.metrics.history, printed=printed.getvalue(),
-                  act_sums=stats._recorded()[0], act_counts=stats._recorded()[2], host_reads=len(host_reads))   # on the CPU
+                  act_sums=stats._recorded()[0], act_counts=stats._recorded()[2], host_reads=len(host_reads),   # on the CPU
+                  host_traffic=traffic.seen)
     if case == 'plain32' and IN_GROUP:
         saves = []
         real_save = torch.save

@@ -56,6 +56,7 @@ def test_two_ranks_equal_one_process(case, runs, tmp_path, one_thread):
     ref = ddp_cases.run_case(case, tmp_path)
     assert torch.equal(rank0['states'], rank1['states'])   # the ranks agree bit for bit
     assert rank0['host_reads'] == rank1['host_reads'] == 0   # the synced RunningBatchNorm got the batch size from the callback
+    assert rank0['host_traffic'] == rank1['host_traffic'] == []   # no tensor from host data, no host read, in any step
     assert rank0['states'].shape == (10, ref['states'].shape[1])
     tol = {'plain64': dict(rtol=1e-12, atol=1e-12), 'norms64': dict(rtol=1e-10, atol=1e-10)}.get(case, dict(rtol=1e-5, atol=1e-6))
     for step in range(10): torch.testing.assert_close(rank0['states'][step], ref['states'][step], **tol, msg=f'step {step + 1}')
