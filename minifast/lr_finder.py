@@ -94,7 +94,7 @@ for _cls in (MetricsCallback, SaveCheckpoint, Recorder, ParamScheduler): _cls.ru
 
 
 # %% ../nbs/05_lr_finder.ipynb #c995b780
-def lr_find(learn, # the `Learner` to explore; left as it was
+def lr_find(learn, # the `Learner` to explore; left as it was, but for the random generators, which its run moved on
             min_lr: float = 1e-6, max_lr: float = 10., max_iter: int = 100, stop_factor: float = 10.) -> LRFindResult: # as for `LRFinder`
     "Run an `LRFinder` on `learn`, then restore its model, its optimiser and its loss scale exactly as they were."
     model_state = copy.deepcopy(learn.model.state_dict())
@@ -139,13 +139,13 @@ class EarlyStoppingCallback(Callback):
 # %% ../nbs/05_lr_finder.ipynb #es-after-epoch
 @patch
 def after_epoch(self: EarlyStoppingCallback):
-    "Note a new best of `monitor`, or count one more epoch without; stop after `patience` of them."
-    value = self.learn.metrics.history[-1][self.monitor]   # there: `before_fit` checked the name
+    "From the history: the best `monitor` so far and the epochs since it; stop once they reach `patience`."
     sign = 1 if self.mode == 'min' else -1
-    if self.best is None or sign * (self.best - value) > self.min_delta:
-        self.best, self.wait = value, 0
-        return
-    self.wait += 1
+    self.best, self.wait = None, 0
+    for record in self.learn.metrics.history:
+        value = record[self.monitor]   # there: `before_fit` checked the name
+        if self.best is None or sign * (self.best - value) > self.min_delta: self.best, self.wait = value, 0
+        else: self.wait += 1
     if self.wait >= self.patience:
         self.stopped_epoch = self.learn.epoch
         raise CancelTrainException()
