@@ -36,6 +36,12 @@ def read_idx(path) -> torch.Tensor:
     if len(data) < 4:
         raise DataFileError(f"{path}: {len(data)} bytes is too short for an idx header (expected at least 4)")
     zeros, type_code, n_dims = struct.unpack('>HBB', data[:4])
+    if data[:2] == b'\x1f\x8b':
+        raise DataFileError(f"{path}: bad idx magic number 0x{data[:4].hex()}: gzip data in a file not named .gz; "
+                            f"name it {path.name}.gz, or gunzip it")
+    if zeros == 0 and 0x09 <= type_code <= 0x0E:
+        raise DataFileError(f"{path}: idx magic number 0x{data[:4].hex()} is type 0x{type_code:02x}, which is not supported "
+                            "(only 0x08, unsigned bytes)")
     if zeros != 0 or type_code not in _IDX_TYPES or not 1 <= n_dims <= 4:
         raise DataFileError(f"{path}: bad idx magic number 0x{data[:4].hex()} "
                             f"(expected 0x000008 followed by 1 to 4 dimensions)")
@@ -47,12 +53,15 @@ def read_idx(path) -> torch.Tensor:
     if got != expected:
         raise DataFileError(f"{path}: expected {expected:,} bytes of data for shape {dims}, found {got:,}"
                             + (" (the file is truncated)" if got < expected else " (extra bytes at the end)"))
+    if expected == 0: return torch.empty(dims, dtype=_IDX_TYPES[type_code])   # a dimension of 0: no bytes to read
     return torch.frombuffer(bytearray(data[header:]), dtype=_IDX_TYPES[type_code]).reshape(dims)
 
 # %% ../nbs/01_data.ipynb #b9de2f1e
 def write_idx(path, t: torch.Tensor):
     "Write a uint8 tensor as an idx file, gzipped if `path` ends in .gz (for tests and small fixtures)."
     path = Path(path)
+    if t.dtype != torch.uint8 and t.numel() and not (0 <= t.min() and t.max() <= 255):
+        raise ValueError(f"write_idx {path}: values from {t.min().item()} to {t.max().item()} do not fit in unsigned bytes (0 to 255)")
     t = t.to(torch.uint8).contiguous()
     payload = struct.pack('>HBB', 0, 0x08, t.dim()) + struct.pack(f'>{t.dim()}I', *t.shape) + t.numpy().tobytes()
     with (gzip.open(path, 'wb') if path.suffix == '.gz' else open(path, 'wb')) as f: f.write(payload)
@@ -92,9 +101,7 @@ def candidate_dirs(name: str, path=None) -> list:
     "The folders searched for data set `name`, in order: only `path` when one is given."
     if path is not None: return [Path(path)]   # an explicit path is a promise: nowhere else
     dirs = []
-    if os.environ.get('MINIFAST_DATA'):
-        env = Path(os.environ['MINIFAST_DATA'])
-        dirs += [env/name, env]
+    if os.environ.get('MINIFAST_DATA'): dirs.append(Path(os.environ['MINIFAST_DATA'])/name)   # named: MNIST's files have Fashion-MNIST's names
     return dirs + [cache_dir(name)] + [Path(d) for d in _dataset(name)['system_dirs']]
 
 def find_data_dir(name: str, path=None):
@@ -111,10 +118,10 @@ class DownloadError(OSError):
 # %% ../nbs/01_data.ipynb #8ce8da20
 def download_file(url: str, dest, sha256: str, timeout: float = 30.0, chunk_size: int = 1 << 16) -> Path:
     "Download `url` to `dest`, verified against `sha256`, through a temporary file renamed into place."
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.part', dir=dest.parent)
+    dest, tmp_name = Path(dest), None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)   # a folder that cannot be made or written fails as a download does
+        fd, tmp_name = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.part', dir=dest.parent)
         digest, n_bytes = hashlib.sha256(), 0
         with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=timeout) as response:
             expected_len = response.headers.get('Content-Length')
@@ -131,16 +138,16 @@ def download_file(url: str, dest, sha256: str, timeout: float = 30.0, chunk_size
     except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
         raise DownloadError(f"{url}: download failed ({e})") from e
     finally:
-        if os.path.exists(tmp_name): os.remove(tmp_name)
+        if tmp_name is not None and os.path.exists(tmp_name): os.remove(tmp_name)
 
 # %% ../nbs/01_data.ipynb #cbe6e46c
-def _missing_data_message(name, searched):
+def _missing_data_message(name, searched, why: str): # why nothing was downloaded
     ds = _dataset(name)
-    lines = [f"No copy of {name} was found and it could not be downloaded.",
+    lines = [f"No copy of {name} was found, and {why}.",
              "Looked in: " + ', '.join(str(d) for d in searched) + '.']
     if ds['apt_package']: lines.append(f"On Debian or Ubuntu: sudo apt-get install {ds['apt_package']}")
     lines.append(f"Or download these files from {ds['url']} into {cache_dir(name)} "
-                 f"(or a folder named in $MINIFAST_DATA): " + ', '.join(ds['sha256']))
+                 f"(or into $MINIFAST_DATA/{name}): " + ', '.join(ds['sha256']))
     return '\n'.join(lines)
 
 def get_data_dir(name: str, path=None, download: bool = True, timeout: float = 30.0) -> Path:
@@ -151,13 +158,13 @@ def get_data_dir(name: str, path=None, download: bool = True, timeout: float = 3
         return Path(path)
     found = find_data_dir(name)
     if found is not None: return found
-    if not download: raise FileNotFoundError(_missing_data_message(name, candidate_dirs(name)))
+    if not download: raise FileNotFoundError(_missing_data_message(name, candidate_dirs(name), 'downloads are turned off (download=False)'))
     ds, dest = _dataset(name), cache_dir(name)
     try:
         for fname, sha in ds['sha256'].items():
             if not (dest/fname).is_file(): download_file(ds['url'] + fname, dest/fname, sha, timeout=timeout)
     except DownloadError as e:
-        raise FileNotFoundError(_missing_data_message(name, candidate_dirs(name)) + f"\n(download error: {e})") from e
+        raise FileNotFoundError(_missing_data_message(name, candidate_dirs(name), f'the download failed: {e}')) from e
     return dest
 
 # %% ../nbs/01_data.ipynb #4905ff56

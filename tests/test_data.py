@@ -37,7 +37,7 @@ def test_candidate_dirs_order(tmp_path, monkeypatch):
     assert candidate_dirs(NAME) == [cache, tmp_path/'system']
     assert candidate_dirs(NAME, explicit) == [explicit]          # an explicit path is the only place looked
     monkeypatch.setenv('MINIFAST_DATA', str(env))
-    assert candidate_dirs(NAME) == [env/NAME, env, cache, tmp_path/'system']
+    assert candidate_dirs(NAME) == [env/NAME, cache, tmp_path/'system']   # never `env` itself: MNIST's files have the same names
     assert candidate_dirs(NAME, explicit) == [explicit]
     monkeypatch.setenv('MINIFAST_DATA', '')                     # empty means unset
     assert candidate_dirs(NAME) == [cache, tmp_path/'system']
@@ -50,7 +50,7 @@ def test_cache_dir_defaults_to_home(tmp_path, monkeypatch):
 
 
 def test_lookup_order(tmp_path, monkeypatch):
-    "explicit path > $MINIFAST_DATA/name > $MINIFAST_DATA > cache > system dirs; each removal falls to the next."
+    "explicit path > $MINIFAST_DATA/name > cache > system dirs; each removal falls to the next."
     explicit, env = fill(tmp_path/'explicit'), tmp_path/'env'
     env_named, env_bare = fill(env/NAME), fill(env)
     cache, system = fill(cache_dir(NAME)), fill(tmp_path/'system')
@@ -61,7 +61,7 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert find_data_dir(NAME, str(explicit)) == explicit       # str paths too
     assert find_data_dir(NAME) == env_named
     for f in FILES: (env_named/f).unlink()
-    assert find_data_dir(NAME) == env_bare
+    assert find_data_dir(NAME) == cache            # the bare $MINIFAST_DATA folder holds the files, but is not named for the set
     monkeypatch.delenv('MINIFAST_DATA')
     assert find_data_dir(NAME) == cache
     assert get_data_dir(NAME, download=False) == cache
@@ -75,7 +75,7 @@ def test_lookup_order(tmp_path, monkeypatch):
 def test_incomplete_folders_are_skipped(tmp_path, monkeypatch):
     "A folder missing one file is not a copy: the search goes on to the next."
     env = tmp_path/'env'
-    fill(env, FILES[:-1])
+    fill(env/NAME, FILES[:-1])
     cache = fill(cache_dir(NAME))
     monkeypatch.setenv('MINIFAST_DATA', str(env))
     assert find_data_dir(NAME) == cache

@@ -164,6 +164,15 @@ def check_failure_then_retry(server, url, body, dest, match, timeout=5.0):
     return exc.value
 
 
+def test_unwritable_destination_is_a_download_error(tmp_path, payload):
+    "A cache folder that cannot be made (here: its parent is a file) fails as a DownloadError, so get_data_dir's advice is given."
+    url, body, _ = payload
+    (tmp_path/'a-file').write_text('')
+    with pytest.raises(DownloadError, match='a-file') as exc: download_file(url, tmp_path/'a-file'/'img.gz', sha(body), timeout=5)
+    assert url in str(exc.value) and isinstance(exc.value.__cause__, OSError)
+    assert (tmp_path/'a-file').is_file() and not list(tmp_path.rglob('*img.gz*'))   # nothing made, nothing left
+
+
 def test_checksum_mismatch(tmp_path, server, payload):
     url, body, _ = payload
     server.state.mode = 'corrupt'
@@ -343,9 +352,10 @@ def test_offline_message(tmp_path, monkeypatch, closed_port, apt_package):
     with pytest.raises(FileNotFoundError) as exc: get_data_dir('tiny', download=True, timeout=5)
     msg = str(exc.value)
     assert isinstance(exc.value.__cause__, DownloadError)
+    assert msg.startswith('No copy of tiny was found, and the download failed: ')   # why nothing came
     if apt_package: assert f'apt-get install {apt_package}' in msg
     else: assert 'apt' not in msg
-    assert str(cache_dir('tiny')) in msg and '$MINIFAST_DATA' in msg      # where to put the files
+    assert str(cache_dir('tiny')) in msg and '$MINIFAST_DATA/tiny' in msg      # where to put the files
     assert url in msg and all(f in msg for f in files)                    # where to get them, which ones
     assert str(tmp_path/'sys-copy') in msg                                # where we looked
     assert leftovers(cache_dir('tiny')) == []
