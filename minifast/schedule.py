@@ -41,10 +41,11 @@ def sched_no(start, end=None):
     "Constant `start`; `end` may be left out (it is accepted, and ignored, so that `sched_no` is called like the others)."
     return partial(_constant, start)
 
-@annealer
-def sched_exp(start, end, pos):
+def _exp(start, end, pos): return start * (end / start) ** pos
+def sched_exp(start, end):
     "Exponential from `start` to `end` (both > 0): linear on a log scale."
-    return start * (end / start) ** pos
+    if not (start > 0 and end > 0): raise ValueError(f"sched_exp: start and end must be > 0, got {start} and {end}")
+    return partial(_exp, start, end)
 
 # %% ../nbs/04_schedule.ipynb #e5174d30
 def combine_scheds(pcts, scheds):
@@ -153,6 +154,7 @@ def one_cycle(lr_max: float, # the peak learning rate
               moms=(0.95, 0.85, 0.95), # momentum at the start, at the peak and at the end; None leaves it alone
               param_name_mom: str = 'momentum'): # the param-group key that holds the momentum
     "`ParamScheduler`s for a one-cycle fit: cosine lr warm-up to `lr_max` then down, momentum the other way."
+    if not 0 < pct_start < 1: raise ValueError(f"one_cycle: pct_start must be between 0 and 1, both excluded, got {pct_start}")
     lr = combine_scheds([pct_start, 1 - pct_start], [sched_cos(lr_max / div_start, lr_max), sched_cos(lr_max, lr_max / div_end)])
     cbs = [ParamScheduler('lr', lr)]
     if moms is not None:
