@@ -116,7 +116,12 @@ class DownloadError(OSError):
     "A download failed or brought the wrong bytes; nothing was left in the destination."
 
 # %% ../nbs/01_data.ipynb #8ce8da20
-def download_file(url: str, dest, sha256: str, timeout: float = 30.0, chunk_size: int = 1 << 16) -> Path:
+def download_file(url: str, # where to fetch the file
+                  dest, # the file to write; its folder is created if needed
+                  sha256: str, # the hex digest the bytes must have
+                  timeout: float = 30.0, # seconds to wait for the server at each step (connecting, then each read)
+                  chunk_size: int = 1 << 16 # bytes read, written and hashed at a time
+                 ) -> Path:
     "Download `url` to `dest`, verified against `sha256`, through a temporary file renamed into place."
     dest, tmp_name = Path(dest), None
     try:
@@ -150,7 +155,11 @@ def _missing_data_message(name, searched, why: str): # why nothing was downloade
                  f"(or into $MINIFAST_DATA/{name}): " + ', '.join(ds['sha256']))
     return '\n'.join(lines)
 
-def get_data_dir(name: str, path=None, download: bool = True, timeout: float = 30.0) -> Path:
+def get_data_dir(name: str, # a key of `DATASETS`: 'fashion_mnist' or 'mnist'
+                 path=None, # a folder to read the files from, and nowhere else
+                 download: bool = True, # download into the cache when no copy is found
+                 timeout: float = 30.0 # seconds, for each download (see `download_file`)
+                ) -> Path:
     "The folder holding data set `name`: only `path` when given; otherwise the first of `candidate_dirs` with every file, or a download into the cache (unless `download=False`)."
     if path is not None:  # an explicit path is a promise: do not silently use another copy
         missing = [f for f in _dataset(name)['sha256'] if not (Path(path)/f).is_file()]
@@ -168,7 +177,10 @@ def get_data_dir(name: str, path=None, download: bool = True, timeout: float = 3
     return dest
 
 # %% ../nbs/01_data.ipynb #4905ff56
-def load_dataset(name: str, path=None, n_valid: int = 10_000, download: bool = True):
+def load_dataset(name: str, # a key of `DATASETS`
+                 path=None, # a folder to read the files from, and nowhere else (see `get_data_dir`)
+                 n_valid: int = 10_000, # training images kept back, from the end, as the validation set
+                 download: bool = True): # download the files when no copy is found
     "`x_train, y_train, x_valid, y_valid` for `name`: the last `n_valid` training images are the validation set."
     folder = get_data_dir(name, path, download=download)
     images_file, labels_file = folder/'train-images-idx3-ubyte.gz', folder/'train-labels-idx1-ubyte.gz'
@@ -196,7 +208,11 @@ FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                    'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 
 # %% ../nbs/01_data.ipynb #5159fb23
-def show_images(x: torch.Tensor, labels=None, n_cols: int = 8, class_names=None, figsize_per=1.2):
+def show_images(x: torch.Tensor, # images: flattened 784s, 28×28s or 1×28×28s
+                labels=None, # one label per image, shown above it
+                n_cols: int = 8, # images per row
+                class_names=None, # names for integer labels, such as `FASHION_CLASSES`
+                figsize_per=1.2): # inches per image
     "Plot images (flattened 784s, 28×28s or 1×28×28s) in a grid with optional labels; returns the figure."
     x = x.detach().cpu()
     n = len(x)
@@ -226,8 +242,11 @@ def normalize_to_train(x_train: torch.Tensor, x_valid: torch.Tensor):
 # %% ../nbs/01_data.ipynb #d8f17fd7
 class DataLoader:
     "Batches of in-memory tensors `x, y`: one gather per batch, reshuffled each epoch if `shuffle`."
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 drop_last: bool = False, generator: torch.Generator = None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, # inputs and targets, one item per row
+                 batch_size: int,
+                 shuffle: bool = False, # a new random order at every pass
+                 drop_last: bool = False, # leave out a last batch smaller than `batch_size`
+                 generator: torch.Generator = None): # where shuffled orders are drawn from; default: torch's global one
         if len(x) != len(y): raise ValueError(f"DataLoader: x has {len(x)} items but y has {len(y)}")
         if len(x) == 0: raise ValueError("DataLoader: the data set is empty")
         if batch_size < 1: raise ValueError(f"DataLoader: batch_size must be at least 1, got {batch_size}")

@@ -22,7 +22,8 @@ def course_size() -> str:
         raise ValueError(f"MINIFAST_SIZE={size!r} is not a course size; expected one of {COURSE_SIZES}")
     return size
 
-def by_size(quick, full):
+def by_size(quick, # the value for a quick run (`MINIFAST_SIZE=quick`, as `make test` runs the course)
+            full): # the value for a full run, the default
     "Pick `quick` or `full` according to `course_size()`."
     return full if course_size() == 'full' else quick
 
@@ -54,7 +55,10 @@ def camel2snake(name: str) -> str:
     return _camel_rest.sub(r'\1_\2', _camel_first.sub(r'\1_\2', name)).lower()
 
 # %% ../nbs/00_foundations.ipynb #6f0e4e50
-def variance(t: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
+def variance(t: torch.Tensor,
+             dim=None, # a dimension (or several) to take it along; None: over all elements
+             keepdim=False # keep the reduced dimensions, with size 1, for broadcasting
+            ) -> torch.Tensor:
     "Population variance (divide by n), by the stable two-pass formula; over all elements or along `dim`."
     if dim is None:
         over_all = ((t - t.mean())**2).mean()
