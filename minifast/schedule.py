@@ -116,20 +116,6 @@ class Recorder(Callback):
         "The training losses, one per batch, as a CPU tensor."
         return torch.stack(self._losses).float().cpu() if self._losses else torch.empty(0)
 
-# %% ../nbs/04_schedule.ipynb #726ef367
-@patch
-def state_dict(self: Recorder) -> dict:
-    "What was recorded, for a checkpoint: the values as lists, the losses as one tensor."
-    return {'params': {name: [list(v) for v in per_group] for name, per_group in self.params.items()},
-            'losses': torch.stack(self._losses) if self._losses else torch.empty(0)}
-
-@patch
-def load_state_dict(self: Recorder, state: dict):
-    "Put back what `state_dict` returned."
-    if list(state['params']) != list(self.param_names):
-        raise CheckpointError(f"Recorder: the checkpoint recorded {list(state['params'])}, this one records {list(self.param_names)}")
-    self.params, self._losses = {name: [list(v) for v in per_group] for name, per_group in state['params'].items()}, list(state['losses'])
-
 # %% ../nbs/04_schedule.ipynb #e38a98e1
 @patch
 def plot_lr(self: Recorder, param_name='lr', group=-1):
@@ -161,3 +147,17 @@ def one_cycle(lr_max: float, # the peak learning rate
         mom = combine_scheds([pct_start, 1 - pct_start], [sched_cos(moms[0], moms[1]), sched_cos(moms[1], moms[2])])
         cbs.append(ParamScheduler(param_name_mom, mom))
     return cbs
+
+# %% ../nbs/04_schedule.ipynb #726ef367
+@patch
+def state_dict(self: Recorder) -> dict:
+    "What was recorded, for a checkpoint: the values as lists, the losses as one tensor."
+    return {'params': {name: [list(v) for v in per_group] for name, per_group in self.params.items()},
+            'losses': torch.stack(self._losses) if self._losses else torch.empty(0)}
+
+@patch
+def load_state_dict(self: Recorder, state: dict):
+    "Put back what `state_dict` returned."
+    if list(state['params']) != list(self.param_names):
+        raise CheckpointError(f"Recorder: the checkpoint recorded {list(state['params'])}, this one records {list(self.param_names)}")
+    self.params, self._losses = {name: [list(v) for v in per_group] for name, per_group in state['params'].items()}, list(state['losses'])
