@@ -6,8 +6,8 @@ Docs: https://minifast.github.io/minifast/data.html.md"""
 
 # %% auto #0
 __all__ = ['DATASETS', 'FASHION_CLASSES', 'DataFileError', 'read_idx', 'write_idx', 'cache_dir', 'candidate_dirs',
-           'find_data_dir', 'DownloadError', 'download_file', 'get_data_dir', 'load_dataset', 'load_fashion_mnist',
-           'load_mnist', 'show_images', 'normalize', 'normalize_to_train', 'DataLoader', 'DataLoaders']
+           'find_data_dir', 'get_data_dir', 'load_dataset', 'load_fashion_mnist', 'load_mnist', 'show_images',
+           'normalize', 'normalize_to_train', 'DataLoader', 'DataLoaders', 'DownloadError', 'download_file']
 
 # %% ../nbs/01_data.ipynb #70c87813
 import gzip, hashlib, http.client, os, struct, tempfile, urllib.error, urllib.request, zlib
@@ -110,40 +110,6 @@ def find_data_dir(name: str, path=None):
     for d in candidate_dirs(name, path):
         if all((d/f).is_file() for f in files): return d
     return None
-
-# %% ../nbs/01_data.ipynb #c085c122
-class DownloadError(OSError):
-    "A download failed or brought the wrong bytes; nothing was left in the destination."
-
-# %% ../nbs/01_data.ipynb #8ce8da20
-def download_file(url: str, # where to fetch the file
-                  dest, # the file to write; its folder is created if needed
-                  sha256: str, # the hex digest the bytes must have
-                  timeout: float = 30.0, # seconds to wait for the server at each step (connecting, then each read)
-                  chunk_size: int = 1 << 16 # bytes read, written and hashed at a time
-                 ) -> Path:
-    "Download `url` to `dest`, verified against `sha256`, through a temporary file renamed into place."
-    dest, tmp_name = Path(dest), None
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)   # a folder that cannot be made or written fails as a download does
-        fd, tmp_name = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.part', dir=dest.parent)
-        digest, n_bytes = hashlib.sha256(), 0
-        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            expected_len = response.headers.get('Content-Length')
-            while chunk := response.read(chunk_size):
-                out.write(chunk); digest.update(chunk); n_bytes += len(chunk)
-        if expected_len is not None and n_bytes != int(expected_len):
-            raise DownloadError(f"{url}: connection ended after {n_bytes:,} of {int(expected_len):,} bytes")
-        if digest.hexdigest() != sha256:
-            raise DownloadError(f"{url}: sha256 mismatch, expected {sha256}, got {digest.hexdigest()}")
-        os.chmod(tmp_name, new_file_mode())  # mkstemp makes it private; a data file is not a secret
-        os.replace(tmp_name, dest)
-        return dest
-    except DownloadError: raise
-    except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
-        raise DownloadError(f"{url}: download failed ({e})") from e
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name): os.remove(tmp_name)
 
 # %% ../nbs/01_data.ipynb #cbe6e46c
 def _missing_data_message(name, searched, why: str): # why nothing was downloaded
@@ -280,3 +246,37 @@ class DataLoaders:
         "Shuffled training batches of `batch_size`; validation in order, in batches twice as large by default."
         return cls(DataLoader(x_train, y_train, batch_size, shuffle=True),
                    DataLoader(x_valid, y_valid, valid_batch_size or 2 * batch_size))
+
+# %% ../nbs/01_data.ipynb #c085c122
+class DownloadError(OSError):
+    "A download failed or brought the wrong bytes; nothing was left in the destination."
+
+# %% ../nbs/01_data.ipynb #8ce8da20
+def download_file(url: str, # where to fetch the file
+                  dest, # the file to write; its folder is created if needed
+                  sha256: str, # the hex digest the bytes must have
+                  timeout: float = 30.0, # seconds to wait for the server at each step (connecting, then each read)
+                  chunk_size: int = 1 << 16 # bytes read, written and hashed at a time
+                 ) -> Path:
+    "Download `url` to `dest`, verified against `sha256`, through a temporary file renamed into place."
+    dest, tmp_name = Path(dest), None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)   # a folder that cannot be made or written fails as a download does
+        fd, tmp_name = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.part', dir=dest.parent)
+        digest, n_bytes = hashlib.sha256(), 0
+        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            expected_len = response.headers.get('Content-Length')
+            while chunk := response.read(chunk_size):
+                out.write(chunk); digest.update(chunk); n_bytes += len(chunk)
+        if expected_len is not None and n_bytes != int(expected_len):
+            raise DownloadError(f"{url}: connection ended after {n_bytes:,} of {int(expected_len):,} bytes")
+        if digest.hexdigest() != sha256:
+            raise DownloadError(f"{url}: sha256 mismatch, expected {sha256}, got {digest.hexdigest()}")
+        os.chmod(tmp_name, new_file_mode())  # mkstemp makes it private; a data file is not a secret
+        os.replace(tmp_name, dest)
+        return dest
+    except DownloadError: raise
+    except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
+        raise DownloadError(f"{url}: download failed ({e})") from e
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name): os.remove(tmp_name)
