@@ -99,6 +99,7 @@ def _forward_hook(hook_ref, func):
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #daca1794
 class Hook:
     "Calls `func(hook, module, input, output)` after each forward pass of `module`; removes itself when deleted."
+    _handle = None   # until registered: a Hook whose construction failed has nothing to remove
     def __init__(self, module: nn.Module, func):
         self.module, self.func = module, func
         self._handle = module.register_forward_hook(_forward_hook(weakref.ref(self), func))
@@ -121,6 +122,7 @@ class Hook:
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #e795d856
 class Hooks:
     "One `Hook` per module in `modules`; a context manager that removes them all on exit."
+    hooks = ()   # until built: a failed construction has no hooks to remove (the ones made are removed as they go)
     def __init__(self, modules, func): self.hooks = [Hook(m, func) for m in listify(modules)]
     def __getitem__(self, i): return self.hooks[i]
     def __len__(self): return len(self.hooks)
@@ -161,7 +163,7 @@ class ActivationStats(Callback):
         low, high = hist_range
         width = (high - low) / bins
         lo_edge, hi_edge = (-near_zero - low) / width, (near_zero - low) / width
-        if min(abs(lo_edge - round(lo_edge)), abs(hi_edge - round(hi_edge))) > 1e-6 or lo_edge < 0 or hi_edge > bins:
+        if max(abs(lo_edge - round(lo_edge)), abs(hi_edge - round(hi_edge))) > 1e-6 or lo_edge < 0 or hi_edge > bins:
             raise ValueError(f"ActivationStats: ±near_zero={near_zero} must fall on bin edges of {bins} bins over {hist_range}")
         if hist_sample is not None and hist_sample < 1: raise ValueError(f"ActivationStats: hist_sample must be None or ≥ 1, got {hist_sample}")
         self.modules, self.bins, self.hist_range, self.near_zero, self.every = modules, bins, (low, high), near_zero, every
@@ -207,6 +209,9 @@ class ActivationStats(Callback):
     def _record(self, hook, module, inputs, output):
         if not self._recording: return
         layer = hook.layer
+        if self._seen[layer]: raise ValueError(
+            f"ActivationStats: {type(module).__name__} (layer {layer}) ran twice in one batch, and its row holds one call; "
+            "give each use of the layer its own module, or leave it out of `modules`")
         total, squares, _, counts = self._views[layer]
         acts = output.detach().reshape(-1)
         if acts.dtype != torch.float32: acts = acts.float()
