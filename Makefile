@@ -4,6 +4,7 @@
 #   make site     build the site into _docs/ from the outputs already saved in nbs/ (runs no notebook)
 #   make lab      JupyterLab on nbs/ with the project's environment
 #   make test     clean/export checks, every notebook at quick size, pytest (the site, the package...)
+#   make nbtest | pytest | check-clean | check-export   one part of make test
 #   make dist     the sdist and the wheel into dist/ (what .github/workflows/release.yml publishes)
 #   make ddp      train the lesson's CNN data-parallel, two processes (examples/train_ddp.py)
 #   make gpu-check  the checks that need a GPU, with a report (exits 0 where there is none)

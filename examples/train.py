@@ -5,8 +5,9 @@
     python examples/train.py --epochs 3 --checkpoint runs/cnn.pt --resume        # after a crash or Ctrl-C: on from it
     python examples/train.py --norm BatchNorm --precision bfloat16 --batch-size 512
 
-This is the README's ten lines with what a run of your own adds: a choice of norm and of precision (`MixedPrecision`,
-notebook 03), checkpoints replaced atomically (`SaveCheckpoint`), and a resumed fit that ends where the uninterrupted
+This is the training of the README's ten lines (`fit_cnn`), on notebook 07's `get_norm_cnn` (five convs), with what a
+run of your own adds: a choice of norm (quote those with parentheses: `--norm 'GroupNorm(4)'`) and of precision
+(`MixedPrecision`, notebook 03), checkpoints replaced atomically (`SaveCheckpoint`), and a resumed fit that ends where the uninterrupted
 one would have, to the bit: the checkpoint holds the model, the optimiser, the schedule, the metrics so far and the
 generators that shuffle the batches. `main(argv)` returns the `Learner`, so a notebook or a test can call it too.
 """

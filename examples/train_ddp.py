@@ -4,7 +4,7 @@
 
 Every rank runs this same script; `DistributedCallback` joins the process group torchrun describes,
 gives each rank its share of every global batch and averages the gradients. Only rank 0 prints and
-writes the checkpoint. Started without torchrun, it trains in one process.
+writes the trained model (`--save`). Started without torchrun, it trains in one process.
 """
 import argparse, os, time
 from functools import partial
