@@ -47,6 +47,8 @@ class Callback:
     def __getattr__(self, attr):
         # Only called when normal lookup fails. Private names never delegate, which also rules out
         # the infinite recursion a half-built or unpickled callback would otherwise fall into.
+        if any(isinstance(k.__dict__.get(attr), property) for k in type(self).__mro__):
+            return object.__getattribute__(self, attr)   # a property whose body failed: let its own error through
         learn = self.__dict__.get('learn', type(self).learn)
         if attr.startswith('_') or learn is None:
             raise AttributeError(f"{type(self).__name__} has no attribute {attr!r}"
@@ -101,6 +103,9 @@ class Learner(Learner):
         "Attach callbacks: each is stored as `self.<cb.name>` and dispatched in `_order`."
         cbs = listify(cbs)
         for cb in cbs:   # all checked before any is attached
+            if cb.learn is not None:
+                raise ValueError(f"Learner.add_cbs: {type(cb).__name__} is already attached to "
+                                 f"{'this' if cb.learn is self else 'another'} learner; remove it there first (remove_cbs)")
             if hasattr(self, cb.name) and not isinstance(getattr(self, cb.name), Callback):
                 raise ValueError(f"Learner.add_cbs: {type(cb).__name__} would be stored as learn.{cb.name}, which is the "
                                  f"learner's own {cb.name!r}; give the callback another `name`")
@@ -116,7 +121,8 @@ class Learner(Learner):
 def remove_cbs(self: Learner, cbs):
     "Detach callbacks; a name two callbacks shared goes back to the one that stays."
     for cb in listify(cbs):
-        if cb in self.cbs: self.cbs.remove(cb)
+        if not any(c is cb for c in self.cbs): continue   # not ours: left as it is
+        self.cbs.remove(cb)
         if getattr(self, cb.name, None) is cb:
             same_name = [c for c in self.cbs if c.name == cb.name]
             if same_name: setattr(self, cb.name, same_name[-1])
@@ -214,11 +220,15 @@ def _check_finite(self: Learner):
 def _all_batches(self: Learner, dl, event: str): # 'before_epoch' or 'before_validate', run first
     self.dl, self.iters = dl, len(dl)
     try:
-        if self(event): return   # a callback asked to skip this pass
-        resuming = self._resume_mid_epoch is not None and self.in_train
-        for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
+        if not self(event):   # True: a callback asked to skip this pass
+            resuming = self._resume_mid_epoch is not None and self.in_train
+            for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
     except CancelEpochException: self('after_cancel_epoch')
-    if self.in_train: self._raise_if_nonfinite()   # the check on the device, read once per epoch
+    if not self.in_train: return
+    if self._resume_mid_epoch is not None: raise CheckpointError(   # see "Resuming a fit"
+        f"resuming at batch {self._resume_mid_epoch['fit']['batch']} of epoch {self.epoch}, but a callback skipped or cancelled "
+        "that epoch's training pass before its first batch, so the checkpoint was never restored")
+    self._raise_if_nonfinite()   # the check on the device, read once per epoch
 
 # %% ../nbs/03_learner.ipynb #nf-device-start
 Learner.check_on_device = None   # None: check on the device unless the model is on the CPU; True/False forces it (tests)
@@ -291,7 +301,7 @@ def fit(self: Learner, n_epochs: int, cbs=None, resume_from=None):
     if len(self.dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
     checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, listify(cbs))
     self.add_cbs(cbs)
-    self.n_epochs, self.loss = n_epochs, torch.tensor(0.)
+    self.n_epochs, self.loss, self._nonfinite_flag = n_epochs, torch.tensor(0.), None   # no flag from an earlier fit
     try:
         try:
             self('before_fit')
@@ -538,7 +548,8 @@ def model_mismatches(model: nn.Module, saved: dict # a model state dict from a c
     own, problems = model.state_dict(), {}
     for k, v in own.items():
         if k not in saved: problems[k] = f"missing from the checkpoint (the model has {_describe(v)})"
-        elif isinstance(v, torch.Tensor) and isinstance(saved[k], torch.Tensor) and (v.shape, v.dtype) != (saved[k].shape, saved[k].dtype):
+        elif isinstance(v, torch.Tensor) != isinstance(saved[k], torch.Tensor) or (
+                isinstance(v, torch.Tensor) and (v.shape, v.dtype) != (saved[k].shape, saved[k].dtype)):
             problems[k] = f"checkpoint {_describe(saved[k])}, model {_describe(v)}"
     for k, v in saved.items():
         if k not in own: problems[k] = f"not in the model (the checkpoint has {_describe(v)})"
