@@ -23,16 +23,9 @@ class DataFileError(ValueError):
 
 _IDX_TYPES = {0x08: torch.uint8}
 
-# %% ../nbs/01_data.ipynb #a8b776bc
-def read_idx(path) -> torch.Tensor:
-    "Read an idx file (optionally gzipped) into a tensor, checking its magic number, dimensions and size."
-    path = Path(path)
-    opener = gzip.open if path.suffix == '.gz' else open
-    try:
-        with opener(path, 'rb') as f: data = f.read()
-    except FileNotFoundError: raise
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataFileError(f"{path}: cannot be read as {'gzip' if path.suffix == '.gz' else 'an idx file'} ({e})") from e
+# %% ../nbs/01_data.ipynb #idx-header
+def _idx_header(path: Path, data: bytes) -> tuple:
+    "The dtype, the dimensions and the header's length of the idx file `path` holding `data`, each checked."
     if len(data) < 4:
         raise DataFileError(f"{path}: {len(data)} bytes is too short for an idx header (expected at least 4)")
     zeros, type_code, n_dims = struct.unpack('>HBB', data[:4])
@@ -45,16 +38,30 @@ def read_idx(path) -> torch.Tensor:
     if zeros != 0 or type_code not in _IDX_TYPES or not 1 <= n_dims <= 4:
         raise DataFileError(f"{path}: bad idx magic number 0x{data[:4].hex()} "
                             f"(expected 0x000008 followed by 1 to 4 dimensions)")
-    header = 4 + 4 * n_dims
-    if len(data) < header:
-        raise DataFileError(f"{path}: truncated header, {len(data)} bytes where {header} were expected")
-    dims = struct.unpack(f'>{n_dims}I', data[4:header])
+    length = 4 + 4 * n_dims
+    if len(data) < length:
+        raise DataFileError(f"{path}: truncated header, {len(data)} bytes where {length} were expected")
+    return _IDX_TYPES[type_code], struct.unpack(f'>{n_dims}I', data[4:length]), length
+
+
+# %% ../nbs/01_data.ipynb #a8b776bc
+def read_idx(path) -> torch.Tensor:
+    "Read an idx file (optionally gzipped) into a tensor, checking its magic number, dimensions and size."
+    path = Path(path)
+    opener = gzip.open if path.suffix == '.gz' else open
+    try:
+        with opener(path, 'rb') as f: data = f.read()
+    except FileNotFoundError: raise
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataFileError(f"{path}: cannot be read as {'gzip' if path.suffix == '.gz' else 'an idx file'} ({e})") from e
+    dtype, dims, header = _idx_header(path, data)
     expected, got = prod(dims), len(data) - header
     if got != expected:
         raise DataFileError(f"{path}: expected {expected:,} bytes of data for shape {dims}, found {got:,}"
                             + (" (the file is truncated)" if got < expected else " (extra bytes at the end)"))
-    if expected == 0: return torch.empty(dims, dtype=_IDX_TYPES[type_code])   # a dimension of 0: no bytes to read
-    return torch.frombuffer(bytearray(data[header:]), dtype=_IDX_TYPES[type_code]).reshape(dims)
+    if expected == 0: return torch.empty(dims, dtype=dtype)   # a dimension of 0: no bytes to read
+    return torch.frombuffer(bytearray(data[header:]), dtype=dtype).reshape(dims)
+
 
 # %% ../nbs/01_data.ipynb #b9de2f1e
 def write_idx(path, t: torch.Tensor):
@@ -121,6 +128,8 @@ def _missing_data_message(name, searched, why: str): # why nothing was downloade
                  f"(or into $MINIFAST_DATA/{name}): " + ', '.join(ds['sha256']))
     return '\n'.join(lines)
 
+
+# %% ../nbs/01_data.ipynb #get-data-dir
 def get_data_dir(name: str, # a key of `DATASETS`: 'fashion_mnist' or 'mnist'
                  path=None, # a folder to read the files from, and nowhere else
                  download: bool = True, # download into the cache when no copy is found
@@ -162,6 +171,8 @@ def load_dataset(name: str, # a key of `DATASETS`
     n_train = len(x) - n_valid
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
+
+# %% ../nbs/01_data.ipynb #load-named
 def load_fashion_mnist(path=None, n_valid: int = 10_000, download: bool = True):
     "Fashion-MNIST as `x_train, y_train, x_valid, y_valid` (see `load_dataset`)."
     return load_dataset('fashion_mnist', path, n_valid, download)

@@ -151,6 +151,8 @@ def before_fit(self: DistributedCallback):
     learn.model.to(self.device)
     learn.model = DistributedDataParallel(learn.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
 
+
+# %% ../nbs/09_distributed.ipynb #d022-epoch
 @patch
 def before_epoch(self: DistributedCallback):
     "Number the epoch for its shuffled order: after the epochs of this callback's earlier fits, so that no fit replays another's orders."
