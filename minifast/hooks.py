@@ -198,6 +198,7 @@ class ActivationStats(Callback):
         learn = self.learn
         self._recording = (learn.in_train and learn.n_iter % self.every == 0
                            and self.n_recorded < self.stats.shape[1])
+        if self._recording and any(self._seen): self._seen = [False] * len(self._seen)   # a cancelled batch never reached after_batch
 
     def _new_size(self, layer, n):
         "A batch of a new size for `layer` (the first, or a short last batch): its count and histogram sample step."
