@@ -98,11 +98,17 @@ class HostTraffic(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 class WatchTrainingBatches(Callback):
-    "Switches `HostTraffic` on for each training batch: from the first `before_batch` to the first `after_batch` (DistributedCallback has none)."
+    """Switches `HostTraffic` on for each training batch: from the first `before_batch` to the first `after_batch`
+    (DistributedCallback has none). On CUDA (`tools/gpu_check.py`) it also turns on PyTorch's sync debug mode for the
+    training batches after the first (DDP builds its buckets in the first), so that each synchronisation warns."""
     _order = -100
     def __init__(self, mode): self.mode = mode
-    def before_batch(self): self.mode.in_batch = self.learn.in_train
-    def after_batch(self): self.mode.in_batch = False
+    def before_batch(self):
+        self.mode.in_batch = self.learn.in_train
+        if DEVICE != 'cpu' and self.learn.in_train and self.learn.n_iter > 0: torch.cuda.set_sync_debug_mode('warn')
+    def after_batch(self):
+        self.mode.in_batch = False
+        if DEVICE != 'cpu': torch.cuda.set_sync_debug_mode('default')
 
 def run_equivalence(case, out):
     "10 steps (one epoch) and a validation pass; on `plain32` also a checkpoint and what each rank printed."
@@ -112,11 +118,14 @@ def run_equivalence(case, out):
     read = distributed._read_batch_size   # the synced RunningBatchNorm's fallback when no callback noted the batch size
     distributed._read_batch_size = lambda *args: (host_reads.append(1), read(*args))[1]
     try:
-        with contextlib.redirect_stdout(printed), traffic: learn.fit(1)
+        with contextlib.redirect_stdout(printed), traffic, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            learn.fit(1)
     finally: distributed._read_batch_size = read
+    cuda_syncs = [str(w.message) for w in caught if 'synchroniz' in str(w.message)]   # on CUDA only: see WatchTrainingBatches
     result = dict(states=torch.stack(recorder.states), history=learn.metrics.history, printed=printed.getvalue(),
                   act_sums=stats._recorded()[0], act_counts=stats._recorded()[2], host_reads=len(host_reads),   # on the CPU
-                  host_traffic=traffic.seen)
+                  host_traffic=traffic.seen, cuda_syncs=cuda_syncs)
     if case == 'plain32' and IN_GROUP:
         saves = []
         real_save = torch.save
