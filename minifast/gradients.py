@@ -101,6 +101,12 @@ def _record_grad(self: GradientStats, layer, grad):
 
 # %% ../nbs/08_gradients.ipynb #b4d9358e
 @patch
+def before_batch(self: GradientStats):
+    "As `ActivationStats`, and no samples left from a batch cut short before its `after_batch` (a `CancelEpochException` after the step)."
+    ActivationStats.before_batch(self)
+    self._samples = []
+
+@patch
 def _count_samples(self: GradientStats):
     "Count this batch's sampled |g| of all layers at once: exact zero, below the range, a bin, above it, or NaN."
     key = tuple((layer, len(s)) for layer, s in self._samples)

@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 import matplotlib.pyplot as plt
 from fastcore.basics import patch
 from .foundations import set_seed
@@ -355,6 +356,7 @@ class RunningBatchNormStep(torch.autograd.Function):
 class RunningBatchNormStep(RunningBatchNormStep):
     __doc__ = RunningBatchNormStep.__doc__   # a class's docstring is not inherited: keep the first cell's
     @staticmethod
+    @once_differentiable   # written out, so not itself differentiable: a second derivative raises instead of coming out wrong
     def backward(ctx, grad):
         "BatchNorm's training-mode backward kernel, given this batch's share of the running statistics."
         (x, weight), (means, varns, share, eps) = ctx.saved_tensors, ctx.numbers
@@ -379,15 +381,38 @@ RunningBatchNorm.step_after_warmup = staticmethod(RunningBatchNormStep.apply)
 # %% ../nbs/07_batchnorm.ipynb #rbn-eval-cache
 def _note(t: torch.Tensor) -> tuple:
     "Which tensor `t` is, where its data lives and how often it has been changed in place: Python numbers, no device read."
-    return id(t), t.data_ptr(), t._version
+    try: return id(t), t.data_ptr(), t._version
+    except RuntimeError: return None   # an inference tensor, or one inside a torch.func transform: nothing to note, no cache
+
+@patch
+def _drop_eval_cache(self: RunningBatchNorm):
+    "Forget eval mode's inputs: before a copy, a conversion or a load, which must not carry views of the old parameters."
+    vars(self).update(_eval_key=None, _eval_inputs=None)
+
+@patch
+def __getstate__(self: RunningBatchNorm):
+    state = nn.Module.__getstate__(self).copy()
+    state.update(_eval_key=None, _eval_inputs=None)   # `deepcopy` and `pickle` copy no cached view of a parameter
+    return state
+
+@patch
+def _apply(self: RunningBatchNorm, fn, *args, **kwargs):
+    self._drop_eval_cache()   # `.to()`, `.double()`...: a cached view would hold the old parameter
+    return nn.Module._apply(self, fn, *args, **kwargs)
+
+@patch
+def _load_from_state_dict(self: RunningBatchNorm, *args, **kwargs):
+    self._drop_eval_cache()
+    return nn.Module._load_from_state_dict(self, *args, **kwargs)
 
 @patch
 def eval_inputs(self: RunningBatchNorm, dtype: torch.dtype = torch.float32): # float64 for float64 inputs
     "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
     mults, adds, running = _tensors(self)
-    key = (_note(running), _note(mults), _note(adds), self.min_var, dtype,
+    key = (_note(running), _note(mults), _note(adds), self.min_var, dtype, mults.requires_grad, adds.requires_grad,
            torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
-    if key != self._eval_key:
+    if None in key[:3]: key = None   # not cacheable: computed every time
+    if key is None or key != self._eval_key:
         if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
         means, varns = running_moments(running.to(dtype).clone())   # a copy: not a view of the buffer, which training changes
         self._eval_inputs = mults.to(dtype).view(-1), adds.to(dtype).view(-1), means, varns.clamp_min(self.min_var)

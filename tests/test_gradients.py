@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from minifast.foundations import set_seed
 from minifast.data import DataLoaders
-from minifast.learner import Callback, Learner
+from minifast.learner import Callback, CancelEpochException, Learner
 from minifast.hooks import ActivationStats, BatchTransformXCallback, GeneralRelu, Hooks, Lambda, get_cnn_model, init_cnn, view_tfm
 from minifast.gradients import GradientStats, UpdateStats, count_edges_below, edge_lookup
 
@@ -359,3 +359,18 @@ def test_bad_input_is_named(tmp_path):
     learner(tiny_cnn(), [stats]).fit(1)
     (tmp_path / 'file').write_text('')
     with pytest.raises(OSError, match='cannot write TensorBoard logs to'): stats.to_tensorboard(tmp_path / 'file' / 'logs')
+
+
+class CutEpochAfterStep(Callback):
+    "Ends epoch 0 after its second step, before any callback's `after_batch`."
+    _order = 20
+    def after_step(self):
+        if self.learn.epoch == 0 and self.learn.iter == 1: raise CancelEpochException()
+
+@pytest.mark.parametrize('cut', [False, True])
+def test_a_batch_cut_short_leaves_nothing_in_the_next_row(cut):
+    "Every row's counts (zeros, below, the bins, above, NaN) add up to its number of gradients, a cut-short batch before it or not."
+    stats = GradientStats(hist_sample=None)
+    learner(tiny_cnn(leak=0.1, sub=0.4), [stats] + ([CutEpochAfterStep()] if cut else [])).fit(2)
+    rows = stats.stats[:, :stats.n_recorded].cpu().double()
+    torch.testing.assert_close(rows[..., 3:].sum(-1) / rows[..., 2], torch.ones(rows.shape[:2], dtype=torch.float64))
