@@ -385,6 +385,21 @@ def _note(t: torch.Tensor) -> tuple:
     except RuntimeError: return None   # an inference tensor, or one inside a torch.func transform: nothing to note, no cache
 
 @patch
+def eval_inputs(self: RunningBatchNorm, dtype: torch.dtype = torch.float32): # float64 for float64 inputs
+    "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
+    mults, adds, running = _tensors(self)
+    key = (_note(running), _note(mults), _note(adds), self.min_var, dtype, mults.requires_grad, adds.requires_grad,
+           torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
+    if None in key[:3]: key = None   # not cacheable: computed every time
+    if key is None or key != self._eval_key:
+        if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
+        means, varns = running_moments(running.to(dtype).clone())   # a copy: not a view of the buffer, which training changes
+        self._eval_inputs = mults.to(dtype).view(-1), adds.to(dtype).view(-1), means, varns.clamp_min(self.min_var)
+        self._eval_key = key
+    return self._eval_inputs
+
+# %% ../nbs/07_batchnorm.ipynb #rbn-eval-drop
+@patch
 def _drop_eval_cache(self: RunningBatchNorm):
     "Forget eval mode's inputs: before a copy, a conversion or a load, which must not carry views of the old parameters."
     vars(self).update(_eval_key=None, _eval_inputs=None)
@@ -405,19 +420,6 @@ def _load_from_state_dict(self: RunningBatchNorm, *args, **kwargs):
     self._drop_eval_cache()
     return nn.Module._load_from_state_dict(self, *args, **kwargs)
 
-@patch
-def eval_inputs(self: RunningBatchNorm, dtype: torch.dtype = torch.float32): # float64 for float64 inputs
-    "Eval mode's weight, bias, means and clamped variances, as `torch.batch_norm` takes them; computed again only after a change."
-    mults, adds, running = _tensors(self)
-    key = (_note(running), _note(mults), _note(adds), self.min_var, dtype, mults.requires_grad, adds.requires_grad,
-           torch.is_grad_enabled(), torch.is_inference_mode_enabled())   # grad mode: so that the weight's view carries gradients
-    if None in key[:3]: key = None   # not cacheable: computed every time
-    if key is None or key != self._eval_key:
-        if self.n_batches == 0: raise RuntimeError("RunningBatchNorm: no statistics yet; train it before using it in eval mode")
-        means, varns = running_moments(running.to(dtype).clone())   # a copy: not a view of the buffer, which training changes
-        self._eval_inputs = mults.to(dtype).view(-1), adds.to(dtype).view(-1), means, varns.clamp_min(self.min_var)
-        self._eval_key = key
-    return self._eval_inputs
 
 # %% ../nbs/07_batchnorm.ipynb #455ecf69
 _compiled_step = None
