@@ -14,6 +14,7 @@ import gzip, hashlib, http.client, os, struct, tempfile, urllib.error, urllib.re
 from math import prod
 from pathlib import Path
 import torch
+from fastcore.basics import patch
 from .foundations import new_file_mode
 import matplotlib.pyplot as plt
 
@@ -236,16 +237,20 @@ class DataLoader:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):
-        bs, n = self.batch_size, len(self)
-        if not self.shuffle:
-            for i in range(n): yield self.x[i*bs:(i+1)*bs], self.y[i*bs:(i+1)*bs]
-            return
-        gen = self.generator   # a generator draws on its own device; the order then moves to the data's
-        order = torch.randperm(len(self.x), generator=gen, device=gen.device if gen else self.x.device).to(self.x.device)
-        for i in range(n):
-            idx = order[i*bs:(i+1)*bs]
-            yield self.x[idx], self.y[idx]
+
+# %% ../nbs/01_data.ipynb #loader-iter
+@patch
+def __iter__(self: DataLoader):
+    bs, n = self.batch_size, len(self)
+    if not self.shuffle:
+        for i in range(n): yield self.x[i*bs:(i+1)*bs], self.y[i*bs:(i+1)*bs]
+        return
+    gen = self.generator   # a generator draws on its own device; the order then moves to the data's
+    order = torch.randperm(len(self.x), generator=gen, device=gen.device if gen else self.x.device).to(self.x.device)
+    for i in range(n):
+        idx = order[i*bs:(i+1)*bs]
+        yield self.x[idx], self.y[idx]
+
 
 # %% ../nbs/01_data.ipynb #98fdab8c
 class DataLoaders:
