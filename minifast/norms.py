@@ -147,9 +147,10 @@ def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, he
     "Steps 1 to 5 in plain tensor operations, for autograd to differentiate; folds the batch into `running` in place."
     batch = torch.stack([x.mean((0, 2, 3)), (x * x).mean((0, 2, 3))])
     new = torch.lerp(running.to(batch.dtype), batch, share)    # the history is constant; this batch keeps its gradient
-    running.copy_(new.detach())
     factor, offset = factor_and_offset(*running_moments(new), mults, adds, min_var, eps)
-    return x * factor + offset
+    out = x * factor + offset
+    running.copy_(new.detach())   # last: a step that fails on the way leaves the buffer as it was
+    return out
 
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
@@ -229,16 +230,21 @@ def forward(self: RunningBatchNorm, x):
     if x.dim() != 4 or x.shape[1] != self.n_channels: _check_input(self, x, self.n_channels)
     if not self.training:
         return torch.batch_norm(x, *self.eval_inputs(_stats_dtype(x)), False, 0., self.eps, torch.backends.cudnn.enabled)
+    if x.numel() == 0: raise ValueError(f"RunningBatchNorm: an empty training batch (shape {tuple(x.shape)}) has no statistics to fold in")
+    counters = self.count, self.n_batches, self.n_items
     share, min_var = self.count_batch(x.shape[0], x.numel() / self.n_channels), self.min_var
-    if self.compiled: step = compiled_running_step
-    elif min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
-    else: step = self.step_after_warmup
-    mults, adds, running = _tensors(self)
-    if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, running, share, min_var, self.eps)
-    # in float32 for half-precision inputs and layers, like the other norms; in float64 for float64 inputs
-    dtype = _stats_dtype(x)
-    out = step(x.to(dtype), mults.to(dtype), adds.to(dtype), running, share, min_var, self.eps)
-    return out.to(x.dtype)
+    try:
+        if self.compiled: step = compiled_running_step
+        elif min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
+        else: step = self.step_after_warmup
+        mults, adds, running = _tensors(self)
+        if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, running, share, min_var, self.eps)
+        # in float32 for half-precision inputs and layers, like the other norms; in float64 for float64 inputs
+        dtype = _stats_dtype(x)
+        return step(x.to(dtype), mults.to(dtype), adds.to(dtype), running, share, min_var, self.eps).to(x.dtype)
+    except BaseException:   # a step that failed counts no batch (each step writes `running` last)
+        vars(self).update(zip(('count', 'n_batches', 'n_items'), counters))
+        raise
 
 @patch
 def extra_repr(self: RunningBatchNorm): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}' + (', compiled=True' if self.compiled else '')
@@ -343,14 +349,15 @@ class RunningBatchNormStep(torch.autograd.Function):
         batch = torch.stack([mean, torch.addcmul(var, mean, mean)])     # ... and E[x²]
         history = running if running.dtype == batch.dtype else running.to(batch.dtype)   # float64 for float64 inputs
         new = torch.lerp(history, batch, share)   # a new tensor: `backward` needs these means after the next step
-        running.copy_(new)
         means, squares = new.unbind()
         varns = torch.addcmul(squares, means, means, value=-1).clamp_min_(min_var)
         weight = mults.view(-1)
         ctx.save_for_backward(x, weight)
         ctx.numbers = means, varns, share, eps   # neither inputs nor outputs, so plain attributes will do
         # (x − means) / √(varns + eps) · mults + adds: BatchNorm in eval mode with these statistics, one fused pass
-        return torch.batch_norm(x, weight, adds.view(-1), means, varns, False, 0., eps, torch.backends.cudnn.enabled)
+        out = torch.batch_norm(x, weight, adds.view(-1), means, varns, False, 0., eps, torch.backends.cudnn.enabled)
+        running.copy_(new)   # last, as in the plain step
+        return out
 
 # %% ../nbs/07_batchnorm.ipynb #3335622e
 class RunningBatchNormStep(RunningBatchNormStep):
@@ -419,6 +426,13 @@ def _apply(self: RunningBatchNorm, fn, *args, **kwargs):
 def _load_from_state_dict(self: RunningBatchNorm, *args, **kwargs):
     self._drop_eval_cache()
     return nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+
+# %% ../nbs/07_batchnorm.ipynb #rbn-eval-mode
+@patch
+def train(self: RunningBatchNorm, mode: bool = True):
+    self._drop_eval_cache()   # and a write through `.data`, which no version counter sees, is picked up here
+    return nn.Module.train(self, mode)
 
 
 # %% ../nbs/07_batchnorm.ipynb #455ecf69
