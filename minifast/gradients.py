@@ -16,7 +16,7 @@ from torch import nn
 import matplotlib.pyplot as plt
 from fastcore.basics import patch
 from .foundations import listify
-from .learner import Callback
+from .learner import Callback, CheckpointError
 from .hooks import ActivationStats, GeneralRelu, sample_step
 
 # %% ../nbs/08_gradients.ipynb #952ddb8a
@@ -277,6 +277,24 @@ def plot_ratios(self: UpdateStats, weights_only: bool = True, # only kernels and
     ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     return fig
+
+# %% ../nbs/08_gradients.ipynb #us-state
+@patch
+def state_dict(self: UpdateStats) -> dict:
+    "The rows recorded so far, the parameters they are for, and the batches cancelled before their backward pass."
+    return {'rows': self._rows[:self.n_recorded].clone(), 'n_recorded': self.n_recorded, 'names': list(self.names),
+            'no_backward': list(self._no_backward)}
+
+@patch
+def load_state_dict(self: UpdateStats, state: dict):
+    "Put back the rows recorded so far into the table that `before_fit` made."
+    n, capacity = state['n_recorded'], self._rows.shape[0]
+    if state['names'] != self.names or n > capacity:
+        raise CheckpointError(f"UpdateStats: the checkpoint has {n} rows for the parameters {state['names']}; this one records "
+                              f"up to {capacity} rows for {self.names}")
+    self._rows[:n] = state['rows']
+    self.n_recorded, self._no_backward = n, list(state['no_backward'])
+
 
 # %% ../nbs/08_gradients.ipynb #a6ef75c4
 def _summary_writer(log_dir):

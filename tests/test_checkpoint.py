@@ -25,6 +25,7 @@ from minifast.learner import (CHECKPOINT_VERSION, Callback, CheckpointError, Lea
 from minifast.schedule import Recorder, one_cycle
 from minifast.hooks import ActivationStats, BatchTransformXCallback, get_cnn_model, view_tfm
 from minifast.norms import RunningBatchNorm
+from minifast.gradients import GradientStats, UpdateStats
 
 N_CLASSES, SIDE, N_EPOCHS = 3, 8, 3
 TIMEOUT = 120   # seconds for any one subprocess; they take a few
@@ -49,14 +50,14 @@ class Jitter(Callback):
 def make_learner(seed, checkpoints=None # a path prefix: save `<prefix>epoch.pth` each epoch, `<prefix>batches.pth` every 4 batches
                  ):
     """The fit under test: one-cycle with momentum, SGD with momentum, dropout, a shuffled loader with its own
-    generator, `ActivationStats`, a `Recorder`, the metrics, and noise from Python and NumPy."""
+    generator, `ActivationStats`, `GradientStats`, `UpdateStats`, a `Recorder`, the metrics, and noise from Python and NumPy."""
     set_seed(seed)
     x_train, y_train, x_valid, y_valid = tiny_data()
     train = DataLoader(x_train, y_train, 16, shuffle=True, generator=torch.Generator().manual_seed(seed))
     dls = DataLoaders(train, DataLoader(x_valid, y_valid, 16))
     model = nn.Sequential(nn.Dropout(0.1), get_cnn_model(N_CLASSES, (4, 8), n_in=1, leak=0.1, sub=0.4))
-    cbs = [BatchTransformXCallback(view_tfm(1, SIDE, SIDE)), Jitter(), ActivationStats(every=2),
-           Recorder(('lr', 'momentum'))] + one_cycle(0.3)
+    cbs = [BatchTransformXCallback(view_tfm(1, SIDE, SIDE)), Jitter(), ActivationStats(every=2), GradientStats(every=2),
+           UpdateStats(every=3), Recorder(('lr', 'momentum'))] + one_cycle(0.3)
     if checkpoints is not None:
         cbs += [SaveCheckpoint(f'{checkpoints}epoch.pth'), SaveCheckpoint(f'{checkpoints}batches.pth', every_epoch=False, every_n_batches=4)]
     learn = Learner(model, dls, cross_entropy, lr=0.3, cbs=cbs,
@@ -67,9 +68,10 @@ def make_learner(seed, checkpoints=None # a path prefix: save `<prefix>epoch.pth
 
 def outcome(learn) -> dict:
     "Everything that must be equal, bit for bit, between an uninterrupted and a resumed fit."
-    stats = learn.activation_stats
+    stats, grads, updates = learn.activation_stats, learn.gradient_stats, learn.update_stats
     return dict(model=learn.model.state_dict(), opt=learn.opt.state_dict(), params=learn.recorder.params,
                 losses=learn.recorder.losses, history=learn.metrics.history, stats=stats.stats[:, :stats.n_recorded],
+                grad_stats=grads.stats[:, :grads.n_recorded], update_stats=updates.stats[:, :updates.n_recorded],
                 n_epochs_done=learn.n_epochs_done, n_iter=learn.n_iter)
 
 
@@ -201,6 +203,7 @@ def test_a_killed_fit_resumes_bit_for_bit(fits, case):
     assert (positions[case]['epoch'], positions[case]['batch']) == CASES[case]        # the kill did cost work...
     assert len(whole['losses']) == N_EPOCHS * 5 and len(whole['history']) == N_EPOCHS
     assert whole['stats'].shape[1] == N_EPOCHS * 5 // 2 + 1                            # ...which the resumed fit redid
+    assert whole['grad_stats'].shape[1] == N_EPOCHS * 5 // 2 + 1 and whole['update_stats'].shape[1] == N_EPOCHS * 5 // 3
     assert_state_equal(resumed[case], whole, case)
 
 
