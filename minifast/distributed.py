@@ -10,7 +10,7 @@ __all__ = ['shard_bounds', 'epoch_order', 'ShardedLoader', 'unwrap', 'is_distrib
            'sync_norms']
 
 # %% ../nbs/09_distributed.ipynb #d003
-import atexit, datetime, gc, os, sys, warnings
+import atexit, contextlib, datetime, gc, os, sys, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -150,6 +150,7 @@ def before_fit(self: DistributedCallback):
             if isinstance(cb, MetricsCallback): self.printers[cb], cb.printer = cb.printer, None
     learn.model.to(self.device)
     learn.model = DistributedDataParallel(learn.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+    learn.world_size = self.world_size   # `GradientStats` (notebook 08) divides the gradients it records by it
 
 
 # %% ../nbs/09_distributed.ipynb #d022-epoch
@@ -219,7 +220,7 @@ def after_fit(self: DistributedCallback):
     _batch_in_flight = None
     error = sys.exc_info()[1]   # `after_fit` runs inside the fit's `except` block when the fit failed
     learn, failed = self.learn, error is not None and error is not self._outer_error
-    learn.model = unwrap(learn.model)
+    learn.model, learn.world_size = unwrap(learn.model), 1
     if self.order_epoch is not None: self.epochs_before = self.order_epoch + 1
     if self.dls is not None: learn.dls = self.dls
     for cb, printer in self.printers.items(): cb.printer = printer
@@ -231,26 +232,68 @@ def after_fit(self: DistributedCallback):
 # %% ../nbs/09_distributed.ipynb #d034
 _plain_save, _plain_load = getattr(Learner.save, 'plain', Learner.save), getattr(Learner.load, 'plain', Learner.load)
 
+@contextlib.contextmanager
+def _unwrapped(learn: Learner):
+    "`learn.model` without its DDP wrapper while the block runs: what is saved and loaded is the plain model."
+    model, learn.model = learn.model, unwrap(learn.model)
+    try: yield
+    finally: learn.model = model
+
 @patch
 def save(self: Learner, path, **kwargs): # `fit=` and the rest, as the plain `save` takes them
     "Save the model (unwrapped from DDP) and optimiser atomically; in a process group only rank 0 writes, then all wait."
     if not (dist.is_available() and dist.is_initialized()): return _plain_save(self, path, **kwargs)
-    model, self.model = self.model, unwrap(self.model)
-    try:
+    if kwargs.get('fit') is not None: kwargs['fit'] = _summed_over_ranks(self, kwargs['fit'])   # collectives: see "Resuming"
+    with _unwrapped(self):
         if dist.get_rank() == 0: _plain_save(self, path, **kwargs)
-    finally: self.model = model
     dist.barrier()   # nobody reads it before it is there
     return Path(path)
 
 @patch
 def load(self: Learner, path, **kwargs): # `strict=`, as the plain `load` takes it
     "Load a checkpoint written by `save` into the model (unwrapped from DDP) and the optimiser."
-    model, self.model = self.model, unwrap(self.model)
-    try: _plain_load(self, path, **kwargs)
-    finally: self.model = model
+    with _unwrapped(self): _plain_load(self, path, **kwargs)
     return self
 
 Learner.save.plain, Learner.load.plain = _plain_save, _plain_load
+
+# %% ../nbs/09_distributed.ipynb #d035-resume-save
+def _per_rank_keys(cb, mid_epoch: bool) -> tuple:
+    "The entries of `cb`'s checkpoint state that hold this rank's own sums, added up over the ranks later in the fit."
+    if isinstance(cb, ActivationStats): return ('stats',)                  # `GradientStats` too: summed in `after_fit`
+    if isinstance(cb, MetricsCallback) and mid_epoch: return ('sums', 'count')   # summed in `after_epoch`
+    return ()
+
+def _sum_over_ranks(value, device):
+    "A tensor or a number, summed over the ranks (a collective: every rank calls it)."
+    t = value.to(device, copy=True) if isinstance(value, torch.Tensor) else torch.tensor(value, device=device)
+    dist.all_reduce(t)
+    return t.to(value.device) if isinstance(value, torch.Tensor) else t.item()
+
+def _summed_over_ranks(learn: Learner, fit: dict) -> dict:
+    "The `fit` part of a checkpoint with every callback's per-rank sums summed over the ranks, for rank 0 to write."
+    device, states = next(unwrap(learn.model).parameters()).device, dict(fit['callbacks'])
+    for cb in learn.cbs:
+        for key in _per_rank_keys(cb, mid_epoch=fit['batch'] != 0):
+            if states.get(cb.name, {}).get(key) is not None:
+                states[cb.name] = {**states[cb.name], key: _sum_over_ranks(states[cb.name][key], device)}
+    return {**fit, 'callbacks': states}
+
+
+# %% ../nbs/09_distributed.ipynb #d035-resume-load
+_plain_restore = getattr(Learner._restore, 'plain', Learner._restore)
+
+@patch
+def _restore(self: Learner, ckpt, rng: dict):
+    "Restore a checkpoint into the model inside the DDP wrapper; on ranks other than 0, start the per-rank sums from zero."
+    with _unwrapped(self): _plain_restore(self, ckpt, rng)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0: return
+    for cb in self.cbs:   # the checkpoint's sums are the whole group's: rank 0 holds them
+        if isinstance(cb, ActivationStats) and cb.n_recorded: cb.stats[:, :cb.n_recorded] = 0
+        if isinstance(cb, MetricsCallback): cb._sums, cb._count = None, 0
+
+Learner._restore.plain = _plain_restore
+
 
 # %% ../nbs/09_distributed.ipynb #d037
 class AllReduceSum(torch.autograd.Function):

@@ -84,6 +84,7 @@ def _record_grad(self: GradientStats, layer, grad):
     if g.dtype != torch.float32: g = g.float()
     scaler = self.learn.grad_scaler   # float16 (`MixedPrecision`): the backward pass carries the loss scale, undone here
     if scaler is not None: g = g / scaler._scale
+    if self.learn.world_size > 1: g = g / self.learn.world_size   # DDP (09): each rank's backward pass carries the number of ranks
     sampling = self._sampling.get(g.numel())
     if sampling is None:
         step = 1 if self.hist_sample is None else sample_step(g.numel(), self.hist_sample)

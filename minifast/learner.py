@@ -166,6 +166,7 @@ def restore_state(snapshot: tuple): # what `snapshot_state` returned
 # %% ../nbs/03_learner.ipynb #a89b6c2d
 Learner._resume_mid_epoch = None   # a checkpoint taken mid-epoch, until its epoch starts (see "Resuming a fit")
 Learner.grad_scaler = None         # a `torch.amp.GradScaler` while `MixedPrecision(torch.float16)` trains (end of this notebook)
+Learner.world_size = 1            # the processes training the model together: more while `DistributedCallback` (notebook 09) trains
 
 @patch
 def _one_batch(self: Learner, xb, yb):

@@ -17,9 +17,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from minifast.foundations import set_seed
 from minifast.data import DataLoader, DataLoaders
 from minifast.losses import accuracy, cross_entropy
-from minifast.learner import Callback, Learner, NonFiniteLossError
+from minifast.learner import CancelTrainException, Callback, Learner, NonFiniteLossError, SaveCheckpoint
 from minifast.hooks import ActivationStats, BatchTransformXCallback, DeviceCallback, view_tfm
 from minifast.lr_finder import EarlyStoppingCallback, lr_find
+from minifast.gradients import GradientStats
 from minifast.norms import BatchNorm, RunningBatchNorm, get_norm_cnn
 from minifast import distributed
 from minifast.distributed import DistributedCallback, sync_norms
@@ -112,8 +113,8 @@ class WatchTrainingBatches(Callback):
 
 def run_equivalence(case, out):
     "10 steps (one epoch) and a validation pass; on `plain32` also a checkpoint and what each rank printed."
-    recorder, stats, traffic = StepRecorder(), ActivationStats(hist_sample=None), HostTraffic()
-    learn = make_learner(case, cbs=[recorder, stats, WatchTrainingBatches(traffic)])
+    recorder, stats, grads, traffic = StepRecorder(), ActivationStats(hist_sample=None), GradientStats(hist_sample=None), HostTraffic()
+    learn = make_learner(case, cbs=[recorder, stats, grads, WatchTrainingBatches(traffic)])
     printed, host_reads = io.StringIO(), []
     read = distributed._read_batch_size   # the synced RunningBatchNorm's fallback when no callback noted the batch size
     distributed._read_batch_size = lambda *args: (host_reads.append(1), read(*args))[1]
@@ -125,6 +126,7 @@ def run_equivalence(case, out):
     cuda_syncs = [str(w.message) for w in caught if 'synchroniz' in str(w.message)]   # on CUDA only: see WatchTrainingBatches
     result = dict(states=torch.stack(recorder.states), history=learn.metrics.history, printed=printed.getvalue(),
                   act_sums=stats._recorded()[0], act_counts=stats._recorded()[2], host_reads=len(host_reads),   # on the CPU
+                  grad_squares=grads._recorded()[1], grad_counts=grads._recorded()[2],
                   host_traffic=traffic.seen, cuda_syncs=cuda_syncs)
     if case == 'plain32' and IN_GROUP:
         saves = []
@@ -192,10 +194,32 @@ def run_unsynced(out):
         learn.fit(1)
     return dict(warnings=[str(w.message) for w in caught if 'DistributedCallback' in str(w.message)])
 
+class StopAfter(Callback):
+    "Stops the fit cleanly after training batch `n_iter` (and the checkpoint written then), on every rank."
+    _order = 200
+    def __init__(self, n_iter): self.n_iter = n_iter
+    def after_batch(self):
+        if self.learn.in_train and self.learn.n_iter == self.n_iter: raise CancelTrainException()
+
+def run_resume(out):
+    """Two epochs of 10 steps uninterrupted, and the same fit stopped after step 14 and resumed in new learners from
+    its checkpoint after step 12 (epoch 1, batch 2): what each ended with."""
+    def fit(path, *extra, resume_from=None):
+        learn = make_learner('norms', cbs=[ActivationStats(hist_sample=None), GradientStats(hist_sample=None),
+                                            SaveCheckpoint(path, every_n_batches=4), *extra])
+        with contextlib.redirect_stdout(io.StringIO()): learn.fit(2, resume_from=resume_from)
+        return learn
+    whole = fit(out / 'whole.pth')
+    fit(out / 'stopped.pth', StopAfter(14))
+    resumed = fit(out / 'resumed.pth', resume_from=out / 'stopped.pth')
+    ends = lambda learn: dict(state=state_vector(learn.model), history=learn.metrics.history,
+                              act=learn.activation_stats.stats.clone(), grads=learn.gradient_stats.stats.clone())
+    return dict(whole=ends(whole), resumed=ends(resumed))
+
 def run_case(name, out):
     out = Path(out)
     if name in CASES: return run_equivalence(name, out)
-    return {'consensus': run_consensus, 'raise': run_raise, 'unsynced': run_unsynced}[name](out)
+    return {'consensus': run_consensus, 'raise': run_raise, 'unsynced': run_unsynced, 'resume': run_resume}[name](out)
 
 if __name__ == '__main__':   # CASE may be several, comma-separated: one start-up for all of them
     torch.set_num_threads(1)

@@ -31,7 +31,7 @@ def torchrun(case, out, timeout=120):
     return proc.returncode, time.monotonic() - start, output
 
 # One torchrun for all of these (start-up is most of a run's time); 'consensus' ends with an error, so it is last.
-CLEAN_CASES = ['plain32', 'plain64', 'norms', 'norms64', 'uneven', 'unsynced', 'consensus']
+CLEAN_CASES = ['plain32', 'plain64', 'norms', 'norms64', 'uneven', 'unsynced', 'resume', 'consensus']
 
 @pytest.fixture(scope='module')
 def one_thread():
@@ -66,6 +66,19 @@ def test_two_ranks_equal_one_process(case, runs, tmp_path, one_thread):
     # ActivationStats, summed over the ranks at the end of the fit: every activation of the global batch counted once
     assert torch.equal(rank0['act_counts'], ref['act_counts']) and torch.equal(rank0['act_sums'], rank1['act_sums'])
     torch.testing.assert_close(rank0['act_sums'], ref['act_sums'], rtol=1e-4, atol=1e-2)
+    # GradientStats too, once each rank's gradients (W times the one-process ones under DDP) are divided by W
+    assert torch.equal(rank0['grad_counts'], ref['grad_counts']) and torch.equal(rank0['grad_squares'], rank1['grad_squares'])
+    torch.testing.assert_close(rank0['grad_squares'], ref['grad_squares'], rtol=1e-3, atol=0)
+
+def test_a_resumed_fit_ends_as_the_uninterrupted_one(runs):
+    "Stopped after step 14, resumed from the checkpoint after step 12 in new learners: the model, the history (the "
+    "training sums of the resumed epoch carried over from every rank) and the activation and gradient statistics."
+    for rank in runs('resume')[:2]:
+        whole, resumed = rank['whole'], rank['resumed']
+        assert torch.equal(resumed['state'], whole['state'])
+        assert torch.equal(resumed['act'], whole['act']) and torch.equal(resumed['grads'], whole['grads'])
+        assert resumed['history'][0] == whole['history'][0]
+        for key, value in whole['history'][1].items(): assert resumed['history'][1][key] == pytest.approx(value, rel=1e-6), key
 
 def test_uneven_validation_counts_each_item_once(runs):
     "101 validation items in batches of 51 (26/25, then 25/25): the accuracy is a whole number of items out of 101."
