@@ -142,7 +142,7 @@ def _recorded(self: GradientStats):
 
 @patch(as_prop=True)
 def zero_share(self: GradientStats) -> torch.Tensor:
-    "Share of gradients that are exactly zero, layers × recorded batches, on the CPU."
+    "Share of gradients that are exactly zero, layers × recorded batches, on the CPU; estimated from the histogram sample (`hist_sample`, evenly strided)."
     rec = self.stats[:, :self.n_recorded].cpu().double()
     return (rec[..., 3] / rec[..., 2]).float()
 

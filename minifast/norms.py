@@ -95,6 +95,8 @@ class LayerNorm(nn.Module):
         # the one `mult` and `add`, expanded (a view, not a copy) to the per-element ones that `F.layer_norm` takes
         return F.layer_norm(x, item_shape, self.mult.expand(item_shape), self.add.expand(item_shape), self.eps)
 
+    def extra_repr(self): return f'{self.n_channels}, eps={self.eps}'
+
 # %% ../nbs/07_batchnorm.ipynb #c18092bb
 class InstanceNorm(nn.Module):
     "Normalises each channel of each item over (height, width); equal to `F.instance_norm` with `mults`/`adds`."
@@ -109,12 +111,14 @@ class InstanceNorm(nn.Module):
         # one group per channel is InstanceNorm
         return F.group_norm(x, self.n_channels, self.mults.view(-1), self.adds.view(-1), self.eps)
 
+    def extra_repr(self): return f'{self.n_channels}, eps={self.eps}'
+
 # %% ../nbs/07_batchnorm.ipynb #9d9d47c8
 class GroupNorm(nn.Module):
     "Normalises each group of `n_channels // n_groups` channels of each item; equal to `nn.GroupNorm`."
     def __init__(self, n_groups: int, n_channels: int, eps: float = 1e-5):
         super().__init__()
-        if n_channels % n_groups:
+        if n_groups < 1 or n_channels % n_groups:
             raise ValueError(f"GroupNorm: {n_channels} channels cannot be split into {n_groups} equal groups")
         self.n_groups, self.n_channels, self.eps = n_groups, n_channels, eps
         self.mults = nn.Parameter(torch.ones(n_channels, 1, 1))
@@ -155,7 +159,6 @@ def running_batch_norm_step(x: torch.Tensor, # activations, (batch, channels, he
 # %% ../nbs/07_batchnorm.ipynb #d57b9b37
 class RunningBatchNorm(nn.Module):
     "BatchNorm that normalises with running statistics in training too, for tiny batches (lesson 10)."
-    step_after_warmup = staticmethod(running_batch_norm_step)   # the training step after the warm-up (Under the hood puts in a faster one)
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5,
                  warmup_items: int = 20, # clamp the variance for this many items seen
                  warmup_var: float = 0.01, # ... to at least this
@@ -176,6 +179,9 @@ class RunningBatchNorm(nn.Module):
         "The floor on the variance: `warmup_var` until `warmup_items` items have been seen (step 4), then 0."
         return self.warmup_var if self.n_items < self.warmup_items else 0.
 
+    def extra_repr(self): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}' + (', compiled=True' if self.compiled else '')
+
+
 # %% ../nbs/07_batchnorm.ipynb #2059e196
 @patch
 def get_extra_state(self: RunningBatchNorm):
@@ -190,7 +196,7 @@ def set_extra_state(self: RunningBatchNorm, state):
 # %% ../nbs/07_batchnorm.ipynb #rbn-sums
 @patch(as_prop=True)
 def sums(self: RunningBatchNorm) -> torch.Tensor:
-    "The lesson's running sums, per channel: the running mean times the count."
+    "The lesson's running sums, per channel (shaped like `mults`): the running mean times the count."
     return self.running[0].view(-1, 1, 1) * self.count
 
 @patch(as_prop=True)
@@ -218,37 +224,6 @@ def factor_offset(self: RunningBatchNorm):
     "Per-channel `factor` and `offset` from the running statistics (steps 3 to 5): eval mode is `x * factor + offset`."
     return factor_and_offset(*running_moments(self.running), self.mults, self.adds, self.min_var, self.eps)
 
-# %% ../nbs/07_batchnorm.ipynb #rbn-tensors
-def _tensors(norm: nn.Module) -> tuple:
-    "`norm.mults, norm.adds, norm.running`, read from the module's dicts without `nn.Module.__getattr__`, whose Python fallback costs as much as a few small ops (bench/README.md)."
-    params = norm._parameters
-    return params['mults'], params['adds'], norm._buffers['running']
-
-# %% ../nbs/07_batchnorm.ipynb #94382f68
-@patch
-def forward(self: RunningBatchNorm, x):
-    if x.dim() != 4 or x.shape[1] != self.n_channels: _check_input(self, x, self.n_channels)
-    if not self.training:
-        return torch.batch_norm(x, *self.eval_inputs(_stats_dtype(x)), False, 0., self.eps, torch.backends.cudnn.enabled)
-    if x.numel() == 0: raise ValueError(f"RunningBatchNorm: an empty training batch (shape {tuple(x.shape)}) has no statistics to fold in")
-    counters = self.count, self.n_batches, self.n_items
-    share, min_var = self.count_batch(x.shape[0], x.numel() / self.n_channels), self.min_var
-    try:
-        if self.compiled: step = compiled_running_step
-        elif min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
-        else: step = self.step_after_warmup
-        mults, adds, running = _tensors(self)
-        if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, running, share, min_var, self.eps)
-        # in float32 for half-precision inputs and layers, like the other norms; in float64 for float64 inputs
-        dtype = _stats_dtype(x)
-        return step(x.to(dtype), mults.to(dtype), adds.to(dtype), running, share, min_var, self.eps).to(x.dtype)
-    except BaseException:   # a step that failed counts no batch (each step writes `running` last)
-        vars(self).update(zip(('count', 'n_batches', 'n_items'), counters))
-        raise
-
-@patch
-def extra_repr(self: RunningBatchNorm): return f'{self.n_channels}, mom={self.mom}, eps={self.eps}' + (', compiled=True' if self.compiled else '')
-
 # %% ../nbs/07_batchnorm.ipynb #0fde1905
 DEFAULT_NORMS = {
     'none': None,
@@ -268,7 +243,10 @@ class NormComparison:
 
     def best(self, **where) -> dict:
         "The row with the highest accuracy among those matching `where` (e.g. `batch_size=2`)."
+        unknown = set(where) - set(self.columns)
+        if unknown: raise ValueError(f"NormComparison.best: no column {sorted(unknown)}; the columns are {self.columns}")
         rows = [r for r in self.rows if all(r[k] == v for k, v in where.items())]
+        if not rows: raise ValueError(f"NormComparison.best: no row has {where}")
         return max(rows, key=lambda r: -1 if math.isnan(r['valid_accuracy']) else r['valid_accuracy'])
 
     def _cell(self, v): return f'{v:.4f}' if isinstance(v, float) and not isinstance(v, bool) else str(v)
@@ -299,7 +277,7 @@ def plot(self: NormComparison):
             accs.append(0. if not rows else max(0. if math.isnan(r['valid_accuracy']) else r['valid_accuracy'] for r in rows))
         ax.bar(xs, accs, width, label=f'batch size {bs}')
     ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(norms))], norms, rotation=30, ha='right')
-    ax.set_ylabel('valid accuracy'); ax.set_ylim(0, 1); ax.legend(fontsize=8)
+    ax.set_ylabel('valid accuracy'); ax.set_ylim(0, 1); ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1, 1))
     fig.tight_layout()
     return fig
 
@@ -382,8 +360,33 @@ class RunningBatchNormStep(RunningBatchNormStep):
         if torch._C._are_functorch_transforms_active(): return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)   # PyTorch's C++ apply, which `Function.apply` ends with
 
+# %% ../nbs/07_batchnorm.ipynb #rbn-tensors
+def _tensors(norm: nn.Module) -> tuple:
+    "`norm.mults, norm.adds, norm.running`, read from the module's dicts without `nn.Module.__getattr__`, whose Python fallback costs as much as a few small ops (bench/README.md)."
+    params = norm._parameters
+    return params['mults'], params['adds'], norm._buffers['running']
+
 # %% ../nbs/07_batchnorm.ipynb #rbn-plug
-RunningBatchNorm.step_after_warmup = staticmethod(RunningBatchNormStep.apply)
+@patch
+def forward(self: RunningBatchNorm, x):
+    if x.dim() != 4 or x.shape[1] != self.n_channels: _check_input(self, x, self.n_channels)
+    if not self.training:
+        return torch.batch_norm(x, *self.eval_inputs(_stats_dtype(x)), False, 0., self.eps, torch.backends.cudnn.enabled)
+    if x.numel() == 0: raise ValueError(f"RunningBatchNorm: an empty training batch (shape {tuple(x.shape)}) has no statistics to fold in")
+    counters = self.count, self.n_batches, self.n_items
+    share, min_var = self.count_batch(x.shape[0], x.numel() / self.n_channels), self.min_var
+    try:
+        if self.compiled: step = compiled_running_step
+        elif min_var > 0: step = running_batch_norm_step   # the warm-up: autograd differentiates the clamp
+        else: step = RunningBatchNormStep.apply
+        mults, adds, running = _tensors(self)
+        if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, running, share, min_var, self.eps)
+        dtype = _stats_dtype(x)
+        return step(x.to(dtype), mults.to(dtype), adds.to(dtype), running, share, min_var, self.eps).to(x.dtype)
+    except BaseException:   # a step that failed counts no batch (each step writes `running` last)
+        vars(self).update(zip(('count', 'n_batches', 'n_items'), counters))
+        raise
+
 
 # %% ../nbs/07_batchnorm.ipynb #rbn-eval-cache
 def _note(t: torch.Tensor) -> tuple:
