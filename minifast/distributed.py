@@ -204,6 +204,8 @@ def _reduce_metrics(self: DistributedCallback, cb):
     def unpack(t): return (None, 0) if t[-1] == 0 else (t[:-1].to(dtype), int(t[-1]))
     (cb._train_sums, cb._train_count), (cb._sums, cb._count) = unpack(both[:k + 1]), unpack(both[k + 1:])
 
+
+# %% ../nbs/09_distributed.ipynb #d026-act
 @patch
 def _reduce_activation_stats(self: DistributedCallback):
     for cb in self.learn.cbs:
@@ -368,6 +370,8 @@ def _read_batch_size(stats, n_channels: int) -> int:
     "The all-reduced batch size in `_global_sums`' result, read back to the host: a synchronisation on a GPU."
     return round(stats[2 * n_channels].item())
 
+
+# %% ../nbs/09_distributed.ipynb #d041-class
 class SyncedRunningBatchNorm(RunningBatchNorm):
     "`RunningBatchNorm` folding the global batch into its running statistics; momentum and count from the global batch size."
     def forward(self, x):
