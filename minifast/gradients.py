@@ -17,12 +17,9 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch
 from .foundations import listify
 from .learner import Callback, CheckpointError
-from .hooks import ActivationStats, GeneralRelu, sample_step
+from .hooks import ActivationStats, GeneralRelu, sample_step, _check_every
 
 # %% ../nbs/08_gradients.ipynb #952ddb8a
-def _check_every(name, every):
-    if not isinstance(every, int) or every < 1: raise ValueError(f"{name}: every must be an integer ≥ 1, got {every!r}")
-
 def _just_below(power):
     "The largest float32 `b` with `b < x` exactly when `x ≥ 10**power`, for every float32 `x`."
     edge = torch.tensor(10. ** power, dtype=torch.float64)
@@ -42,7 +39,7 @@ class GradientStats(ActivationStats):
         low, high = hist_range
         if bins < 1 or not low < high: raise ValueError(f"GradientStats: need bins ≥ 1 and low < high, got bins={bins}, hist_range={hist_range}")
         if hist_sample is not None and hist_sample < 1: raise ValueError(f"GradientStats: hist_sample must be None or ≥ 1, got {hist_sample}")
-        self.modules, self.every, self.bins, self.hist_range, self.hist_sample = modules, every, bins, (low, high), hist_sample
+        self.modules, self.every, self.bins, self.hist_range, self.hist_sample = listify(modules), every, bins, (low, high), hist_sample
         width = (high - low) / bins
         # a row per layer and batch: sum, sum of squares and number of the values, then the counts: exact zeros, then,
         # as in ActivationStats, below the range, the bins, above it; last the NaNs

@@ -90,10 +90,10 @@ class HookRemovedError(RuntimeError):
     "A `Hook` was used after `remove()`."
 
 def _forward_hook(hook_ref, func):
-    "A forward hook that calls `func(hook, module, input, output)` while `hook` is alive."
+    "A forward hook that calls `func(hook, module, input, output)` while `hook` is alive and attached."
     def forward_hook(module, inputs, output):
-        hook = hook_ref()
-        if hook is not None: func(hook, module, inputs, output)
+        hook = hook_ref()   # a deep copy of the module carries this function too: only the original's hook is removed
+        if hook is not None and not hook.removed: func(hook, module, inputs, output)
     return forward_hook
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #daca1794
@@ -151,6 +151,12 @@ def sample_step(n: int, max_samples: int) -> int:
     while math.gcd(step, n) != 1: step += 1
     return step
 
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #check-every
+def _check_every(name, every):
+    "Refuse a recording interval that is not a whole number of batches ≥ 1, naming the callback."
+    if not isinstance(every, int) or every < 1: raise ValueError(f"{name}: every must be an integer ≥ 1, got {every!r}")
+
+
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #3a5fcd48
 class ActivationStats(Callback):
     "Records each hooked layer's mean, std, `bins`-bin histogram, near-zero share and out-of-range shares per training batch, on device."
@@ -166,6 +172,8 @@ class ActivationStats(Callback):
         if max(abs(lo_edge - round(lo_edge)), abs(hi_edge - round(hi_edge))) > 1e-6 or lo_edge < 0 or hi_edge > bins:
             raise ValueError(f"ActivationStats: ±near_zero={near_zero} must fall on bin edges of {bins} bins over {hist_range}")
         if hist_sample is not None and hist_sample < 1: raise ValueError(f"ActivationStats: hist_sample must be None or ≥ 1, got {hist_sample}")
+        _check_every('ActivationStats', every)
+        modules = listify(modules)   # a list once: a generator would be empty from the second fit on
         self.modules, self.bins, self.hist_range, self.near_zero, self.every = modules, bins, (low, high), near_zero, every
         self.hist_sample = hist_sample
         self._zero_bins = slice(round(lo_edge), round(hi_edge))
@@ -176,8 +184,10 @@ class ActivationStats(Callback):
 
     def before_fit(self):
         learn = self.learn
-        modules = listify(self.modules) or [m for m in learn.model.modules() if isinstance(m, GeneralRelu)]
-        if not modules: raise ValueError("ActivationStats: no layers to watch (the model has no GeneralRelu; pass modules=)")
+        modules = self.modules or [m for m in learn.model.modules() if isinstance(m, GeneralRelu)]
+        if not modules: raise ValueError(f"{type(self).__name__}: no layers to watch (the model has no GeneralRelu; pass modules=)")
+        outside = [type(m).__name__ for m in modules if not any(m is n for n in learn.model.modules())]
+        if outside: raise ValueError(f"{type(self).__name__}: {', '.join(outside)} in `modules` are not layers of the learner's model")
         capacity = -(-learn.n_epochs * len(learn.dls.train) // self.every)
         device = next(learn.model.parameters()).device
         # one row per layer and recorded batch: sum, sum of squares, number of activations, then the counts
@@ -209,6 +219,8 @@ class ActivationStats(Callback):
 
     def _record(self, hook, module, inputs, output):
         if not self._recording: return
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: {type(module).__name__} returned a {type(output).__name__}, not a tensor; watch a layer that returns one")
         layer = hook.layer
         if self._seen[layer]: raise ValueError(
             f"ActivationStats: {type(module).__name__} (layer {layer}) ran twice in one batch, and its row holds one call; "
