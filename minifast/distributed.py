@@ -245,7 +245,7 @@ def _unwrapped(learn: Learner):
 def save(self: Learner, path, **kwargs): # `fit=` and the rest, as the plain `save` takes them
     "Save the model (unwrapped from DDP) and optimiser atomically; in a process group only rank 0 writes, then all wait."
     if not (dist.is_available() and dist.is_initialized()): return _plain_save(self, path, **kwargs)
-    if kwargs.get('fit') is not None: kwargs['fit'] = _summed_over_ranks(self, kwargs['fit'])   # collectives: see "Resuming"
+    if kwargs.get('fit') is not None: kwargs['fit'] = _checkpointed_fit(self, kwargs['fit'])   # collectives: see "Resuming"
     with _unwrapped(self):
         if dist.get_rank() == 0: _plain_save(self, path, **kwargs)
     dist.barrier()   # nobody reads it before it is there
@@ -281,14 +281,26 @@ def _summed_over_ranks(learn: Learner, fit: dict) -> dict:
                 states[cb.name] = {**states[cb.name], key: _sum_over_ranks(states[cb.name][key], device)}
     return {**fit, 'callbacks': states}
 
+def _distributed_callback(learn: Learner):
+    return next((cb for cb in learn.cbs if isinstance(cb, DistributedCallback)), None)
+
+def _checkpointed_fit(learn: Learner, fit: dict) -> dict:
+    "`fit` for a data-parallel checkpoint: the per-rank sums summed, and where the numbering of the shuffled orders starts."
+    fit, callback = _summed_over_ranks(learn, fit), _distributed_callback(learn)
+    return fit if callback is None else {**fit, 'order_epochs_before': callback.epochs_before}
+
 
 # %% ../nbs/09_distributed.ipynb #d035-resume-load
 _plain_restore = getattr(Learner._restore, 'plain', Learner._restore)
 
 @patch
 def _restore(self: Learner, ckpt, rng: dict):
-    "Restore a checkpoint into the model inside the DDP wrapper; on ranks other than 0, start the per-rank sums from zero."
+    "Restore a checkpoint into the model inside the DDP wrapper, with its numbering of the shuffled orders; on ranks other than 0, start the per-rank sums from zero."
     with _unwrapped(self): _plain_restore(self, ckpt, rng)
+    callback, fit = _distributed_callback(self), ckpt['fit']
+    if callback is not None and 'order_epochs_before' in fit:
+        callback.epochs_before = fit['order_epochs_before']
+        if fit['batch']: callback.before_epoch()   # mid-epoch: number this epoch, and draw its order, again
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0: return
     for cb in self.cbs:   # the checkpoint's sums are the whole group's: rank 0 holds them
         if isinstance(cb, ActivationStats) and cb.n_recorded: cb.stats[:, :cb.n_recorded] = 0

@@ -202,19 +202,23 @@ class StopAfter(Callback):
         if self.learn.in_train and self.learn.n_iter == self.n_iter: raise CancelTrainException()
 
 def run_resume(out):
-    """Two epochs of 10 steps uninterrupted, and the same fit stopped after step 14 and resumed in new learners from
-    its checkpoint after step 12 (epoch 1, batch 2): what each ended with."""
+    """Two epochs of 10 steps uninterrupted, and the same fit stopped after step 14 and resumed from its checkpoint
+    after step 12 (epoch 1, batch 2), in new learners and by the stopped learner itself: what each ended with."""
     def fit(path, *extra, resume_from=None):
         learn = make_learner('norms', cbs=[ActivationStats(hist_sample=None), GradientStats(hist_sample=None),
                                             SaveCheckpoint(path, every_n_batches=4), *extra])
         with contextlib.redirect_stdout(io.StringIO()): learn.fit(2, resume_from=resume_from)
         return learn
     whole = fit(out / 'whole.pth')
-    fit(out / 'stopped.pth', StopAfter(14))
+    stopped = fit(out / 'stopped.pth', StopAfter(14))
     resumed = fit(out / 'resumed.pth', resume_from=out / 'stopped.pth')
     ends = lambda learn: dict(state=state_vector(learn.model), history=learn.metrics.history,
                               act=learn.activation_stats.stats.clone(), grads=learn.gradient_stats.stats.clone())
-    return dict(whole=ends(whole), resumed=ends(resumed))
+    result = dict(whole=ends(whole), resumed=ends(resumed))
+    # the stopped learner itself, whose DistributedCallback has counted the stopped fit's epochs since
+    stopped.remove_cbs(stopped.stop_after)
+    with contextlib.redirect_stdout(io.StringIO()): stopped.fit(2, resume_from=out / 'stopped.pth')
+    return dict(result, resumed_by_itself=ends(stopped))
 
 def run_case(name, out):
     out = Path(out)

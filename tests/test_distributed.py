@@ -5,7 +5,7 @@ process group (killed whole on timeout), with a port torchrun picks, one thread 
 their results to files under `tmp_path`, and `rank<r>.done` when they finished cleanly. The single-process
 references run here, in the test process, from the same weights and global batches (`tests/ddp_cases.py`).
 """
-import os, signal, subprocess, sys, time
+import itertools, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -71,11 +71,12 @@ def test_two_ranks_equal_one_process(case, runs, tmp_path, one_thread):
     torch.testing.assert_close(rank0['grad_squares'], ref['grad_squares'], rtol=1e-3, atol=0)
 
 def test_a_resumed_fit_ends_as_the_uninterrupted_one(runs):
-    "Stopped after step 14, resumed from the checkpoint after step 12 in new learners: the model, the history (the "
+    "Stopped after step 14, resumed from the checkpoint after step 12, by new learners and by the stopped one (whose "
+    "callback counted the stopped fit's epochs: the orders must still be the interrupted fit's): the model, the history (the "
     "training sums of the resumed epoch carried over from every rank) and the activation and gradient statistics."
-    for rank in runs('resume')[:2]:
-        whole, resumed = rank['whole'], rank['resumed']
-        assert torch.equal(resumed['state'], whole['state'])
+    for rank, again in itertools.product(runs('resume')[:2], ('resumed', 'resumed_by_itself')):
+        whole, resumed = rank['whole'], rank[again]
+        assert torch.equal(resumed['state'], whole['state']), again
         assert torch.equal(resumed['act'], whole['act']) and torch.equal(resumed['grads'], whole['grads'])
         assert resumed['history'][0] == whole['history'][0]
         for key, value in whole['history'][1].items(): assert resumed['history'][1][key] == pytest.approx(value, rel=1e-6), key
