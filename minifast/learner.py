@@ -102,7 +102,8 @@ class Learner(Learner):
     def add_cbs(self, cbs):
         "Attach callbacks: each is stored as `self.<cb.name>` and dispatched in `_order`."
         cbs = listify(cbs)
-        for cb in cbs:   # all checked before any is attached
+        for i, cb in enumerate(cbs):   # all checked before any is attached
+            if any(cb is other for other in cbs[:i]): raise ValueError(f"Learner.add_cbs: {type(cb).__name__} is in the list twice")
             if cb.learn is not None:
                 raise ValueError(f"Learner.add_cbs: {type(cb).__name__} is already attached to "
                                  f"{'this' if cb.learn is self else 'another'} learner; remove it there first (remove_cbs)")
@@ -181,6 +182,8 @@ def _one_batch(self: Learner, xb, yb):
             e.add_note(f"minifast: loss_func got predictions of shape {tuple(self.pred.shape)} "
                        f"and targets of shape {tuple(self.yb.shape)}")
             raise
+        if self.loss.ndim: raise ValueError(f"Learner: loss_func returned a tensor of shape {tuple(self.loss.shape)}, not one "
+                                            "number; reduce it over the batch (its mean, as `reduction='mean'` gives)")
         self('after_loss')
         if self.in_train: self._step()
     except CancelBatchException: self('after_cancel_batch')
@@ -674,6 +677,11 @@ def load_state_dict(self: Callback, state: dict): # what `state_dict` returned
     "Put back what `state_dict` returned."
     if state: raise CheckpointError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}")
 
+@patch
+def state_problems(self: Callback, state: dict) -> list: # what `state_dict` returned, in a checkpoint
+    "Why `state` could not go back into this callback, checked before a resumed fit changes anything; none by default."
+    return []
+
 def has_state(cb: Callback) -> bool:
     "Whether `cb`'s class defines its own `state_dict`."
     return type(cb).state_dict is not Callback.state_dict
@@ -714,6 +722,11 @@ class SaveCheckpoint(Callback):
         if not every_epoch and every_n_batches is None: raise ValueError("SaveCheckpoint: every_epoch=False and no every_n_batches: it would never save")
         self.path, self.every_epoch, self.every_n_batches, self.n_saved = Path(path), every_epoch, every_n_batches, 0
 
+    def before_fit(self):
+        names = [cb.name for cb in self.learn.cbs if has_state(cb)]
+        if len(set(names)) < len(names): raise ValueError(f"SaveCheckpoint: two callbacks with state share a name, so a checkpoint "
+                                                          f"could not tell them apart: {sorted(names)}; give one another `name`")
+
     def before_epoch(self):
         if self.every_n_batches: self.learn.rng_epoch_start = rng_states(self.learn.dls)   # the loader draws this epoch's order from these
 
@@ -729,8 +742,7 @@ class SaveCheckpoint(Callback):
 def save(self: SaveCheckpoint, epoch: int, batch: int): # where a resumed fit starts: at training batch `batch` of epoch `epoch`
     "Write the checkpoint: model, optimiser, position, callbacks' states and generators."
     learn = self.learn
-    stateful = [cb for cb in learn.cbs if has_state(cb)]
-    if len({cb.name for cb in stateful}) < len(stateful): raise ValueError(f"SaveCheckpoint: two callbacks with state share a name: {[cb.name for cb in stateful]}")
+    stateful = [cb for cb in learn.cbs if has_state(cb)]   # their names differ: `before_fit` checked
     fit = {'n_epochs': learn.n_epochs, 'epoch': epoch, 'batch': batch, 'n_train_batches': len(learn.dls.train),
            'n_skipped_batches': learn.n_skipped_batches, 'callbacks': {cb.name: cb.state_dict() for cb in stateful},
            'rng': rng_states(learn.dls)}
@@ -761,6 +773,7 @@ class Learner(Learner):
             problems.append(f"{fit['n_train_batches']} training batches per epoch in the checkpoint, {len(self.dls.train)} here")
         saved, here = set(fit['callbacks']), {cb.name for cb in self.cbs + cbs if has_state(cb)}
         if saved != here: problems.append(f"callbacks with state: {sorted(saved)} in the checkpoint, {sorted(here)} here")
+        problems += [p for cb in self.cbs + cbs if cb.name in saved for p in cb.state_problems(fit['callbacks'][cb.name])]
         if problems: raise _mismatch_error(path, problems, 'cannot resume this fit')
         return ckpt
 
@@ -769,9 +782,14 @@ class Learner(Learner):
     __doc__ = Learner.__doc__   # a class's docstring is not inherited: keep the first cell's
     def _restore(self, ckpt, rng: dict):
         "Put back every callback's state, the model, the optimiser, the skipped-batch count and the generators (`rng`)."
-        device = next(self.model.parameters()).device
-        for cb in self.cbs:   # first: a callback that refuses its state (`MixedPrecision` in another dtype) leaves the model as it was
-            if has_state(cb): cb.load_state_dict(_to_device(ckpt['fit']['callbacks'][cb.name], device))
+        device = next(self.model.parameters(), torch.empty(0)).device   # a model without parameters: the CPU
+        stateful = [cb for cb in self.cbs if has_state(cb)]
+        before = [cb.state_dict() for cb in stateful]
+        try:   # first: a callback that refuses its state (`MixedPrecision` in another dtype) leaves the model as it was...
+            for cb in stateful: cb.load_state_dict(_to_device(ckpt['fit']['callbacks'][cb.name], device))
+        except Exception:
+            for cb, state in zip(stateful, before): cb.load_state_dict(state)   # ... and the callbacks too
+            raise
         self.model.load_state_dict(ckpt['model']); self.opt.load_state_dict(ckpt['opt'])
         self.n_skipped_batches = ckpt['fit']['n_skipped_batches']
         set_rng_states(rng, self.dls)
@@ -919,9 +937,14 @@ def state_dict(self: MixedPrecision) -> dict:
     return {'dtype': _dtype_name(self.dtype), 'scaler': {} if self.scaler is None else self.scaler.state_dict()}
 
 @patch
+def state_problems(self: MixedPrecision, state: dict) -> list:
+    "A checkpoint trained in another dtype."
+    if state['dtype'] == _dtype_name(self.dtype): return []
+    return [f"MixedPrecision: the checkpoint was trained in {state['dtype']}, this callback trains in "
+            f"{_dtype_name(self.dtype)}; resume with MixedPrecision(torch.{state['dtype']})"]
+
+@patch
 def load_state_dict(self: MixedPrecision, state: dict):
     "Put back the scaler's state; refuse a checkpoint trained in another dtype."
-    if state['dtype'] != _dtype_name(self.dtype):
-        raise CheckpointError(f"MixedPrecision: the checkpoint was trained in {state['dtype']}, this callback trains in "
-                              f"{_dtype_name(self.dtype)}; resume with MixedPrecision(torch.{state['dtype']})")
+    if problems := self.state_problems(state): raise CheckpointError(problems[0])
     if self.scaler is not None: self.scaler.load_state_dict(state['scaler'])

@@ -43,7 +43,8 @@ class LRFinder(LRFinder):
         if not learn.in_train: return
         loss = learn.loss.item()
         self.losses.append(loss)
-        if not math.isfinite(loss) or loss > self.stop_factor * self.best_loss:
+        # `stop_factor` times the best, measured from the best so that a negative loss (a likelihood) works too
+        if not math.isfinite(loss) or loss - self.best_loss > (self.stop_factor - 1) * abs(self.best_loss):
             self.stopped_early = True
             raise CancelTrainException()   # before the step: a NaN loss never reaches the weights
         self.best_loss = min(self.best_loss, loss)
@@ -59,6 +60,8 @@ def suggest_lr(lrs, losses,
                skip_start: int = 10): # batches left out at the start, where the average has seen too few
     "The lr where the smoothed loss falls fastest per unit of log lr, between `skip_start` and the loss's minimum."
     finite = [(lr, l) for lr, l in zip(lrs, losses) if math.isfinite(l)]
+    if any(b <= a for (a, _), (b, _) in zip(finite, finite[1:])):
+        raise ValueError("suggest_lr: the lrs must increase from batch to batch, as in an LR finder's run")
     if len(finite) < skip_start + 3: return None
     smoothed, avg = [], 0.
     for i, (_, l) in enumerate(finite, 1):
@@ -118,13 +121,14 @@ def lr_find(learn, # the `Learner` to explore; left as it was, but for the rando
 # %% ../nbs/05_lr_finder.ipynb #44991d35
 class EarlyStoppingCallback(Callback):
     "Stops the fit when `monitor` (a `MetricsCallback` history key) has not improved for `patience` epochs."
-    _order = 30
+    _order = 110   # after MetricsCallback (10), whose history it reads, and SaveCheckpoint (100), which saves the epoch first
     runs_in_lr_find = False   # it would find no metrics in lr_find's run, and has nothing to stop there
     def __init__(self, monitor: str = 'valid_loss', # a key of `MetricsCallback.history`
                  patience: int = 1, # epochs without a new best before stopping
                  min_delta: float = 0., # how much better than the best a value must be to count as a new one
                  mode: str = 'min'): # 'min' for a loss, 'max' for an accuracy
         if mode not in ('min', 'max'): raise ValueError(f"EarlyStoppingCallback: mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(patience, int) or patience < 1: raise ValueError(f"EarlyStoppingCallback: patience must be an integer ≥ 1, got {patience!r}")
         self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, min_delta, mode
 
     def before_fit(self):
@@ -138,15 +142,19 @@ class EarlyStoppingCallback(Callback):
 
 # %% ../nbs/05_lr_finder.ipynb #es-after-epoch
 @patch
-def after_epoch(self: EarlyStoppingCallback):
+def _stop_if_done(self: EarlyStoppingCallback):
     "From the history: the best `monitor` so far and the epochs since it; stop once they reach `patience`."
-    sign = 1 if self.mode == 'min' else -1
+    sign, history = (1 if self.mode == 'min' else -1), self.learn.metrics.history
     self.best, self.wait = None, 0
-    for record in self.learn.metrics.history:
+    for record in history:
         value = record[self.monitor]   # there: `before_fit` checked the name
+        if value is None: continue     # not measured that epoch: no evidence either way
         if self.best is None or sign * (self.best - value) > self.min_delta: self.best, self.wait = value, 0
         else: self.wait += 1
     if self.wait >= self.patience:
-        self.stopped_epoch = self.learn.epoch
+        self.stopped_epoch = history[-1]['epoch']
         raise CancelTrainException()
+
+EarlyStoppingCallback.after_epoch = EarlyStoppingCallback._stop_if_done
+EarlyStoppingCallback.before_epoch = EarlyStoppingCallback._stop_if_done   # a fit resumed after the deciding epoch
 

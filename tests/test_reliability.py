@@ -938,3 +938,29 @@ def test_running_batch_norm_float16_moderate_batch():
     ref, out = half_case('RunningBatchNorm', torch.float16, False, x32)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=HALF_TOL[torch.float16])
+
+
+# ---------------------------------------------------------------- edges found by a bug hunt (2026-12-07)
+def test_a_model_without_parameters_resumes(tmp_path):
+    "A model with only a buffer, its optimiser training a tensor of the loss's: resuming once raised a bare StopIteration."
+    from minifast.learner import SaveCheckpoint
+    class Scale(nn.Module):
+        def __init__(self): super().__init__(); self.register_buffer('by', torch.tensor(2.))
+        def forward(self, x): return x[:, :N_CLASSES] * self.by
+    extra = torch.zeros(1, requires_grad=True)
+    def learner(path):
+        learn = Learner(Scale(), tiny_dls(), lambda pred, yb: cross_entropy(pred, yb) + 0 * extra.sum(), lr=0.1,
+                        opt_func=lambda params, lr: torch.optim.SGD([extra], lr=lr), cbs=[SaveCheckpoint(path)])
+        learn.metrics.printer = None
+        return learn
+    done = learner(tmp_path / 'a.pth').fit(1)
+    again = learner(tmp_path / 'b.pth').fit(1, resume_from=tmp_path / 'a.pth')
+    assert again.metrics.history == done.metrics.history
+
+
+def test_lr_finder_runs_on_a_negative_loss():
+    "A loss below zero (a log-likelihood, say): the finder once stopped at its second batch, 10 × a negative best being far below it."
+    set_seed(0)
+    learn = Learner(tiny_cnn(), tiny_dls(), lambda pred, yb: cross_entropy(pred, yb) - 5., cbs=[BatchTransformXCallback(view_tfm(1, SIDE, SIDE))])
+    found = lr_find(learn, min_lr=1e-7, max_lr=1e-5, max_iter=12)   # lrs too small to move the loss: no reason to stop
+    assert len(found.losses) == 12 and not found.stopped_early and max(found.losses) < 0
