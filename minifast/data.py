@@ -68,6 +68,9 @@ def read_idx(path) -> torch.Tensor:
 def write_idx(path, t: torch.Tensor):
     "Write a uint8 tensor as an idx file, gzipped if `path` ends in .gz (for tests and small fixtures)."
     path = Path(path)
+    if not 1 <= t.dim() <= 4: raise ValueError(f"write_idx {path}: {t.dim()} dimensions; `read_idx` reads 1 to 4")
+    if t.is_floating_point() and t.numel() and not torch.equal(t, t.round()):
+        raise ValueError(f"write_idx {path}: values that are not whole numbers would be cut to bytes; round them first")
     if t.dtype != torch.uint8 and t.numel() and not (0 <= t.min() and t.max() <= 255):
         raise ValueError(f"write_idx {path}: values from {t.min().item()} to {t.max().item()} do not fit in unsigned bytes (0 to 255)")
     t = t.to(torch.uint8).contiguous()
