@@ -182,12 +182,21 @@ def _one_batch(self: Learner, xb, yb):
             e.add_note(f"minifast: loss_func got predictions of shape {tuple(self.pred.shape)} "
                        f"and targets of shape {tuple(self.yb.shape)}")
             raise
-        if self.loss.ndim: raise ValueError(f"Learner: loss_func returned a tensor of shape {tuple(self.loss.shape)}, not one "
-                                            "number; reduce it over the batch (its mean, as `reduction='mean'` gives)")
+        if self.loss.ndim or (self.in_train and not self.loss.requires_grad): self._refuse_loss()   # rather than PyTorch's error
         self('after_loss')
         if self.in_train: self._step()
     except CancelBatchException: self('after_cancel_batch')
     self('after_batch')
+
+# %% ../nbs/03_learner.ipynb #refuse-loss
+@patch
+def _refuse_loss(self: Learner):
+    "Say why this loss cannot be trained on: it is not one number, or there is no gradient to follow."
+    if self.loss.ndim: raise ValueError(f"Learner: loss_func returned a tensor of shape {tuple(self.loss.shape)}, not one "
+                                        "number; reduce it over the batch (its mean, as `reduction='mean'` gives)")
+    raise RuntimeError("Learner: the training loss does not require a gradient, so there is nothing to step on: no parameter "
+                       "of the model requires one (all frozen?), or the loss was computed under torch.no_grad()")
+
 
 # %% ../nbs/03_learner.ipynb #nf-step
 @patch
