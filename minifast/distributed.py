@@ -272,13 +272,16 @@ def _sum_over_ranks(value, device):
     dist.all_reduce(t)
     return t.to(value.device) if isinstance(value, torch.Tensor) else t.item()
 
-def _summed_over_ranks(learn: Learner, fit: dict) -> dict:
-    "The `fit` part of a checkpoint with every callback's per-rank sums summed over the ranks, for rank 0 to write."
-    device, states = next(unwrap(learn.model).parameters()).device, dict(fit['callbacks'])
+def _zeroed(value):
+    "A per-rank sum started from zero."
+    return torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0
+
+def _per_rank_changed(learn: Learner, fit: dict, change) -> dict:
+    "The `fit` part of a checkpoint with `change` applied to every callback's per-rank sums (`_per_rank_keys`)."
+    states = dict(fit['callbacks'])
     for cb in learn.cbs:
         for key in _per_rank_keys(cb, mid_epoch=fit['batch'] != 0):
-            if states.get(cb.name, {}).get(key) is not None:
-                states[cb.name] = {**states[cb.name], key: _sum_over_ranks(states[cb.name][key], device)}
+            if states.get(cb.name, {}).get(key) is not None: states[cb.name] = {**states[cb.name], key: change(states[cb.name][key])}
     return {**fit, 'callbacks': states}
 
 def _distributed_callback(learn: Learner):
@@ -286,7 +289,8 @@ def _distributed_callback(learn: Learner):
 
 def _checkpointed_fit(learn: Learner, fit: dict) -> dict:
     "`fit` for a data-parallel checkpoint: the per-rank sums summed, and where the numbering of the shuffled orders starts."
-    fit, callback = _summed_over_ranks(learn, fit), _distributed_callback(learn)
+    device, callback = next(unwrap(learn.model).parameters()).device, _distributed_callback(learn)
+    fit = _per_rank_changed(learn, fit, lambda value: _sum_over_ranks(value, device))
     return fit if callback is None else {**fit, 'order_epochs_before': callback.epochs_before}
 
 
@@ -296,15 +300,14 @@ _plain_restore = getattr(Learner._restore, 'plain', Learner._restore)
 @patch
 def _restore(self: Learner, ckpt, rng: dict):
     "Restore a checkpoint into the model inside the DDP wrapper, with its numbering of the shuffled orders; on ranks other than 0, start the per-rank sums from zero."
+    fit = ckpt['fit']
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:   # the sums are the whole group's: rank 0 takes them
+        ckpt = {**ckpt, 'fit': _per_rank_changed(self, fit, _zeroed)}
     with _unwrapped(self): _plain_restore(self, ckpt, rng)
-    callback, fit = _distributed_callback(self), ckpt['fit']
+    callback = _distributed_callback(self)
     if callback is not None and 'order_epochs_before' in fit:
         callback.epochs_before = fit['order_epochs_before']
         if fit['batch']: callback.before_epoch()   # mid-epoch: number this epoch, and draw its order, again
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0: return
-    for cb in self.cbs:   # the checkpoint's sums are the whole group's: rank 0 holds them
-        if isinstance(cb, ActivationStats) and cb.n_recorded: cb.stats[:, :cb.n_recorded] = 0
-        if isinstance(cb, MetricsCallback): cb._sums, cb._count = None, 0
 
 Learner._restore.plain = _plain_restore
 

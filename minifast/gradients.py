@@ -52,7 +52,7 @@ class GradientStats(ActivationStats):
 @patch
 def before_fit(self: GradientStats):
     model = self.learn.model
-    if not (listify(self.modules) or any(isinstance(m, GeneralRelu) for m in model.modules())):
+    if not (self.modules or any(isinstance(m, GeneralRelu) for m in model.modules())):
         raise ValueError("GradientStats: no layers to watch (the model has no GeneralRelu; pass modules=)")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("GradientStats: the model has no parameters that need gradients, so there is no backward pass to watch")
