@@ -284,6 +284,8 @@ def _per_rank_changed(learn: Learner, fit: dict, change) -> dict:
             if states.get(cb.name, {}).get(key) is not None: states[cb.name] = {**states[cb.name], key: change(states[cb.name][key])}
     return {**fit, 'callbacks': states}
 
+
+# %% ../nbs/09_distributed.ipynb #d035-resume-fit
 def _distributed_callback(learn: Learner):
     return next((cb for cb in learn.cbs if isinstance(cb, DistributedCallback)), None)
 
