@@ -397,14 +397,22 @@ class SyncedRunningBatchNorm(RunningBatchNorm):
         C = self.n_channels
         stats = _global_sums(x)
         batch_size = _global_batch_size(stats, x.shape[0], C)   # count and momentum are Python numbers
-        items = batch_size * (x.numel() // (x.shape[0] * C))   # every rank's maps have the same size
+        if batch_size == 0: raise ValueError(f"SyncedRunningBatchNorm: every rank's training batch is empty (shape {tuple(x.shape)} here)")
+        items = batch_size * x.shape[2] * x.shape[3]   # every rank's maps have the same size
+        counters = self.count, self.n_batches, self.n_items
         share = self.count_batch(batch_size, items)
-        dtype = _stats_dtype(x)   # float32, or float64 for float64 inputs, as in RunningBatchNorm
-        new = torch.lerp(self.running.to(dtype), _times(stats[:2 * C].view(2, C), 1 / items), share)   # the global averages
-        self.running.copy_(new.detach())
-        factor, offset = factor_and_offset(*running_moments(new), self.mults.to(dtype), self.adds.to(dtype),
-                                           self.min_var, self.eps)
-        return (x.to(dtype) * factor + offset).to(x.dtype)
+        try:
+            dtype = _stats_dtype(x)   # float32, or float64 for float64 inputs, as in RunningBatchNorm
+            new = torch.lerp(self.running.to(dtype), _times(stats[:2 * C].view(2, C), 1 / items), share)   # the global averages
+            factor, offset = factor_and_offset(*running_moments(new), self.mults.to(dtype), self.adds.to(dtype),
+                                               self.min_var, self.eps)
+            out = (x.to(dtype) * factor + offset).to(x.dtype)
+        except BaseException:   # a step that failed counts no batch and leaves `running` alone, as in RunningBatchNorm
+            vars(self).update(zip(('count', 'n_batches', 'n_items'), counters))
+            raise
+        self.running.copy_(new.detach())   # last, once nothing can fail
+        return out
+
 
 # %% ../nbs/09_distributed.ipynb #d043
 _SYNCED = (SyncedBatchNorm, SyncedBatchNorm2d, SyncedRunningBatchNorm)
