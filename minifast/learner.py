@@ -198,24 +198,6 @@ def _refuse_loss(self: Learner):
                        "of the model requires one (all frozen?), or the loss was computed under torch.no_grad()")
 
 
-# %% ../nbs/03_learner.ipynb #nf-step
-@patch
-def _step(self: Learner):
-    on_device = self._nonfinite_flag is not None          # the check on the device (below) is on for this fit
-    if self.nonfinite != 'ignore' and not on_device: self._check_finite()
-    scaler, unscaled, updated = self.grad_scaler, False, False
-    try:
-        (self.loss if scaler is None else scaler.scale(self.loss)).backward()
-        if scaler is not None: scaler.unscale_(self.opt); unscaled = True   # the true gradients, for the callbacks and the step
-        if on_device: self._check_finite_on_device()
-        self('after_backward')
-        if scaler is None: self.opt.step()
-        else: scaler.step(self.opt); scaler.update(); updated = True       # the scaler skips a step whose gradients are inf or NaN
-        self('after_step')
-    finally:
-        if unscaled and not updated: scaler.update()      # cancelled between unscale_ and the step: end the scaler's step
-        self.opt.zero_grad()
-
 # %% ../nbs/03_learner.ipynb #67b55821
 @patch
 def _check_finite(self: Learner):
@@ -916,6 +898,24 @@ class MixedPrecision(Callback):
             self.scaler.load_state_dict(state)
         self.device_type = device_type
         self.learn.grad_scaler = self.scaler
+
+# %% ../nbs/03_learner.ipynb #mp-step
+@patch
+def _step(self: Learner):
+    on_device = self._nonfinite_flag is not None          # the check on the device (below) is on for this fit
+    if self.nonfinite != 'ignore' and not on_device: self._check_finite()
+    scaler, unscaled, updated = self.grad_scaler, False, False
+    try:
+        (self.loss if scaler is None else scaler.scale(self.loss)).backward()
+        if scaler is not None: scaler.unscale_(self.opt); unscaled = True   # the true gradients, for the callbacks and the step
+        if on_device: self._check_finite_on_device()
+        self('after_backward')
+        if scaler is None: self.opt.step()
+        else: scaler.step(self.opt); scaler.update(); updated = True       # the scaler skips a step whose gradients are inf or NaN
+        self('after_step')
+    finally:
+        if unscaled and not updated: scaler.update()      # cancelled between unscale_ and the step: end the scaler's step
+        self.opt.zero_grad()
 
 # %% ../nbs/03_learner.ipynb #mp-autocast
 @patch
