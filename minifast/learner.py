@@ -12,7 +12,7 @@ __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'CancelTrainException', 'CancelEpochE
            'has_state', 'SaveCheckpoint', 'pure_metric', 'MixedPrecision']
 
 # %% ../nbs/03_learner.ipynb #9de414b5
-import copy, math, os, pickle, random, re, sys, tempfile, warnings
+import copy, math, os, pickle, random, re, sys, tempfile, warnings, zipfile
 from pathlib import Path
 import torch
 from torch import nn
@@ -110,6 +110,10 @@ class Learner(Learner):
             if hasattr(self, cb.name) and not isinstance(getattr(self, cb.name), Callback):
                 raise ValueError(f"Learner.add_cbs: {type(cb).__name__} would be stored as learn.{cb.name}, which is the "
                                  f"learner's own {cb.name!r}; give the callback another `name`")
+            taken = next((c for c in reversed(self.cbs + cbs[:i]) if c.name == cb.name), None)   # a name two callbacks share
+            if taken is not None and not (isinstance(cb, type(taken)) or isinstance(taken, type(cb))):
+                raise ValueError(f"Learner.add_cbs: {type(cb).__name__} would be stored as learn.{cb.name}, where "
+                                 f"{type(taken).__name__} is; give one of them another `name`")
         for cb in cbs:
             cb.learn = self
             setattr(self, cb.name, cb)
@@ -164,29 +168,39 @@ def restore_state(snapshot: tuple): # what `snapshot_state` returned
             else: setattr(m, name, saved)                 # replaced by the forward pass
     for m, state in extra: m.set_extra_state(state)
 
-# %% ../nbs/03_learner.ipynb #a89b6c2d
+# %% ../nbs/03_learner.ipynb #one-batch-attrs
 Learner._resume_mid_epoch = None   # a checkpoint taken mid-epoch, until its epoch starts (see "Resuming a fit")
 Learner.grad_scaler = None         # a `torch.amp.GradScaler` while `MixedPrecision(torch.float16)` trains (end of this notebook)
 Learner.world_size = 1            # the processes training the model together: more while `DistributedCallback` (notebook 09) trains
+Learner._untouched = None         # in a fit: True until its first training batch, then the model's state before it, until a step
 
+def _describe(v): return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+# %% ../nbs/03_learner.ipynb #a89b6c2d
 @patch
 def _one_batch(self: Learner, xb, yb):
     self.xb, self.yb = xb, yb
     try:
         self('before_batch')
         if self.in_train and self.nonfinite == 'skip': self._before_forward = snapshot_state(self.model)
-        self.pred = self.model(self.xb)
+        if self._untouched is True and self.in_train: self._untouched = snapshot_state(self.model)   # the fit's first training batch
+        try: self.pred = self.model(self.xb)
+        except Exception as e:
+            e.add_note(f"minifast: the model failed on inputs {_describe(self.xb)}, {'training' if self.in_train else 'validation'} "
+                       f"batch {self.iter} of epoch {self.epoch}")
+            raise
         self('after_pred')
         try: self.loss = self.loss_func(self.pred, self.yb)
         except Exception as e:
-            e.add_note(f"minifast: loss_func got predictions of shape {tuple(self.pred.shape)} "
-                       f"and targets of shape {tuple(self.yb.shape)}")
+            e.add_note(f"minifast: loss_func got predictions {_describe(self.pred)} and targets {_describe(self.yb)}")
             raise
         if self.loss.ndim or (self.in_train and not self.loss.requires_grad): self._refuse_loss()   # rather than PyTorch's error
         self('after_loss')
         if self.in_train: self._step()
     except CancelBatchException: self('after_cancel_batch')
     self('after_batch')
+
 
 # %% ../nbs/03_learner.ipynb #refuse-loss
 @patch
@@ -210,6 +224,26 @@ def _check_finite(self: Learner):
     raise NonFiniteLossError(f"the training loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}; "
                              "the step was not taken. Lower the learning rate, or pass nonfinite='skip'.")
 
+# %% ../nbs/03_learner.ipynb #loader-checks
+def _check_loaders(dls):
+    "Refuse, before a fit runs, data the loop cannot use: no `train` and `valid` loaders, a loader without a length, no training batches."
+    if not (hasattr(dls, 'train') and hasattr(dls, 'valid')):
+        raise TypeError(f"Learner: dls must have a .train and a .valid loader (minifast's DataLoaders), not be a {type(dls).__name__}; "
+                        "wrap a pair of loaders as DataLoaders(train_dl, valid_dl)")
+    for name, dl in (('training', dls.train), ('validation', dls.valid)):
+        try: len(dl)
+        except TypeError: raise TypeError(f"Learner: the {name} loader ({type(dl).__name__}) has no length, which the progress "
+                                          "counters and the schedules need (an IterableDataset needs a __len__)") from None
+    if len(dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
+
+def _refuse_batch(batch, training: bool):
+    "Say what a loader gave instead of an (inputs, targets) pair."
+    what = (f"a dict with keys {list(batch)}" if isinstance(batch, dict) else
+            f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
+    raise TypeError(f"Learner: the {'training' if training else 'validation'} loader gave {what}, not an (inputs, targets) "
+                    "pair; have its data set return (x, y), or wrap the loader to yield pairs")
+
+
 # %% ../nbs/03_learner.ipynb #all-batches
 @patch
 def _all_batches(self: Learner, dl, event: str): # 'before_epoch' or 'before_validate', run first
@@ -217,7 +251,9 @@ def _all_batches(self: Learner, dl, event: str): # 'before_epoch' or 'before_val
     try:
         if not self(event):   # True: a callback asked to skip this pass
             resuming = self._resume_mid_epoch is not None and self.in_train
-            for self.iter, (xb, yb) in self._resume_epoch(dl) if resuming else enumerate(dl): self._one_batch(xb, yb)
+            for self.iter, batch in self._resume_epoch(dl) if resuming else enumerate(dl):
+                if not (isinstance(batch, (tuple, list)) and len(batch) == 2): _refuse_batch(batch, dl is self.dls.train)
+                self._one_batch(*batch)
     except CancelEpochException: self('after_cancel_epoch')
     if not self.in_train: return
     if self._resume_mid_epoch is not None: raise CheckpointError(   # see "Resuming a fit"
@@ -293,10 +329,10 @@ def _after_fit(self: Learner, error):
 @patch
 def fit(self: Learner, n_epochs: int, cbs=None, resume_from=None):
     "Train for `n_epochs`, with extra callbacks `cbs` for this fit only; `resume_from`: a `SaveCheckpoint` file to go on from."
-    if len(self.dls.train) == 0: raise ValueError("Learner.fit: the training DataLoader is empty")
+    _check_loaders(self.dls)
     checkpoint = None if resume_from is None else self._check_resume(resume_from, n_epochs, listify(cbs))
     self.add_cbs(cbs)
-    self.n_epochs, self.loss, self._nonfinite_flag = n_epochs, torch.tensor(0.), None   # no flag from an earlier fit
+    self.n_epochs, self.loss, self._nonfinite_flag, self._untouched = n_epochs, torch.tensor(0.), None, True
     try:
         try:
             self('before_fit')
@@ -308,11 +344,13 @@ def fit(self: Learner, n_epochs: int, cbs=None, resume_from=None):
                 self('after_epoch')
         except CancelTrainException: self('after_cancel_train'); self._raise_if_nonfinite()
     except BaseException as e:
+        if isinstance(self._untouched, tuple): restore_state(self._untouched)   # no step taken: the buffers as they were
         self._after_fit(e)
         raise
     else: self._after_fit(None)
-    finally: self.remove_cbs(cbs); self._resume_mid_epoch = None
+    finally: self.remove_cbs(cbs); self._resume_mid_epoch = self._untouched = None
     return self
+
 
 # %% ../nbs/03_learner.ipynb #9db1da6e
 class TrainEvalCallback(Callback):
@@ -385,7 +423,9 @@ class MetricsCallback(MetricsCallback):
             for metric, name in zip(self.metrics, self.metric_names[1:]):
                 try: values.append(metric(pred, yb))
                 except Exception as e: raise self._noted(e, name, i)
-        self._add(torch.stack([_as_float32(v) for v in values]), len(yb))
+        try: batch = torch.stack([_as_float32(v) for v in values])
+        except Exception as e: self._refuse_values(values, e)
+        self._add(batch, len(yb))
 
     def _add(self, batch, n):
         # the weight as the add's `alpha`: one small op per batch, not a product and a sum
@@ -400,6 +440,17 @@ def _noted(self: MetricsCallback, e, name, i):
     late = '' if i == now else f" (it waited and was computed at batch {now}; learn.pred and learn.yb now hold batch {now}'s)"
     e.add_note(f"minifast: the metric {name} failed on batch {i} of the {where} pass{late}")
     return e
+
+@patch
+def _refuse_values(self: MetricsCallback, values: list, error: Exception):
+    "Raise a `TypeError` naming the first metric that returned something other than one number in a tensor; else `error`."
+    for name, v in zip(self.metric_names, values):
+        if not (isinstance(v, torch.Tensor) and v.ndim == 0):
+            what = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+            raise TypeError(f"MetricsCallback: the metric {name} returned {what}, not one number in a 0-d tensor (return, say, "
+                            "`(pred.argmax(1) == yb).float().mean()`, without `.item()`)") from error
+    raise error
+
 
 # %% ../nbs/03_learner.ipynb #b1bcb2d5
 @patch
@@ -518,6 +569,11 @@ def read_checkpoint(path) -> dict:
     if size == 0: raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint")
     with open(path, 'rb') as f: magic = f.read(4)
     if magic != b'PK\x03\x04': raise CheckpointError(f"{path}: not a checkpoint (it does not start like a file written by torch.save)")
+    try:
+        with zipfile.ZipFile(path) as archive: damaged = archive.testzip()   # each entry against its CRC-32, which torch.load skips
+    except Exception: damaged = None   # not a whole archive: torch.load below says so
+    if damaged is not None: raise CheckpointError(f"{path}: the file is damaged: its entry {damaged} does not match the checksum "
+                                                  "written with it (a disk or copy error?); nothing was loaded")
     try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
@@ -535,8 +591,6 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 # %% ../nbs/03_learner.ipynb #ckpt-mismatches
-def _describe(v): return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor) else type(v).__name__
-
 def model_mismatches(model: nn.Module, saved: dict # a model state dict from a checkpoint
                     ) -> dict:
     "{key: what is wrong} for each entry of `model`'s state dict that `saved` lacks, adds, or holds with another shape or dtype."
@@ -714,6 +768,11 @@ class SaveCheckpoint(Callback):
         self.path, self.every_epoch, self.every_n_batches, self.n_saved = Path(path), every_epoch, every_n_batches, 0
 
     def before_fit(self):
+        "Refuse, before training, a path that cannot be written and two callbacks with state under one name."
+        if self.path.is_dir(): raise IsADirectoryError(f"SaveCheckpoint: {self.path} is a folder; name the file, say {self.path / 'fit.pth'}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)   # as `save` does
+        fd, probe = tempfile.mkstemp(prefix=f'.{self.path.name}.', suffix='.probe', dir=self.path.parent)   # may we write there?
+        os.close(fd); os.remove(probe)
         names = [cb.name for cb in self.learn.cbs if has_state(cb)]
         if len(set(names)) < len(names): raise ValueError(f"SaveCheckpoint: two callbacks with state share a name, so a checkpoint "
                                                           f"could not tell them apart: {sorted(names)}; give one another `name`")
@@ -759,7 +818,10 @@ class Learner(Learner):
                                               "Learner.save; SaveCheckpoint writes checkpoints to resume from). Load it with learn.load.")
         model_problems, problems = self._mismatches(ckpt)
         problems = [f"{k}: {why}" for k, why in model_problems.items()] + problems
-        if fit['n_epochs'] != n_epochs: problems.append(f"the fit was of {fit['n_epochs']} epochs, this one of {n_epochs}")
+        if fit['n_epochs'] != n_epochs:
+            done = fit['epoch'] == fit['n_epochs'] and not fit['batch']   # then train on with `load` and a new fit
+            problems.append(f"the fit was of {fit['n_epochs']} epochs, this one of {n_epochs}"
+                            + (" (that fit is finished: to train on from it, learn.load the file, then fit)" if done else ""))
         if fit['n_train_batches'] != len(self.dls.train):
             problems.append(f"{fit['n_train_batches']} training batches per epoch in the checkpoint, {len(self.dls.train)} here")
         saved, here = set(fit['callbacks']), {cb.name for cb in self.cbs + cbs if has_state(cb)}
@@ -912,6 +974,7 @@ def _step(self: Learner):
         self('after_backward')
         if scaler is None: self.opt.step()
         else: scaler.step(self.opt); scaler.update(); updated = True       # the scaler skips a step whose gradients are inf or NaN
+        self._untouched = None
         self('after_step')
     finally:
         if unscaled and not updated: scaler.update()      # cancelled between unscale_ and the step: end the scaler's step
