@@ -228,6 +228,9 @@ class DataLoader:
                  shuffle: bool = False, # a new random order at every pass
                  drop_last: bool = False, # leave out a last batch smaller than `batch_size`
                  generator: torch.Generator = None): # where shuffled orders are drawn from; default: torch's global one
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            raise TypeError(f"DataLoader: x and y must be tensors, got a {type(x).__name__} and a {type(y).__name__}; "
+                            "convert them first (torch.as_tensor, or torch.from_numpy for NumPy arrays)")
         if len(x) != len(y): raise ValueError(f"DataLoader: x has {len(x)} items but y has {len(y)}")
         if len(x) == 0: raise ValueError("DataLoader: the data set is empty")
         if batch_size < 1: raise ValueError(f"DataLoader: batch_size must be at least 1, got {batch_size}")

@@ -326,6 +326,14 @@ def plot_near_zero(self: ActivationStats):
     ax.set_ylim(0, 1); ax.set_ylabel(f'share with |a| < {self.near_zero}'); ax.set_xlabel('recorded batch'); ax.legend(fontsize=8)
     return fig
 
+# %% ../nbs/06_cuda_cnn_hooks_init.ipynb #as-tb
+@patch(as_prop=True)
+def to_tensorboard(self: ActivationStats):
+    "Writes the record as TensorBoard event files once `minifast.gradients` (notebook 08) is imported, which defines it."
+    raise AttributeError("ActivationStats.to_tensorboard comes with notebook 08: `import minifast.gradients` first "
+                         "(TensorBoard itself is an extra: pip install 'minifast[tensorboard]')")
+
+
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #ckpt-stats
 @patch
 def state_dict(self: ActivationStats) -> dict:
