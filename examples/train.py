@@ -8,10 +8,11 @@
 This is the training of the README's ten lines (`fit_cnn`), on notebook 07's `get_norm_cnn` (five convs), with what a
 run of your own adds: a choice of norm (quote those with parentheses: `--norm 'GroupNorm(4)'`) and of precision
 (`MixedPrecision`, notebook 03), checkpoints replaced atomically (`SaveCheckpoint`), and a resumed fit that ends where the uninterrupted
-one would have, to the bit: the checkpoint holds the model, the optimiser, the schedule, the metrics so far and the
-generators that shuffle the batches. `main(argv)` returns the `Learner`, so a notebook or a test can call it too.
+one would have, to the bit: the checkpoint holds the model, the optimiser, the position in the schedule, the metrics so far
+and the generators that shuffle the batches. The run's arguments go next to it (`<checkpoint>.args.json`), and `--resume`
+refuses arguments that would train another fit from the same checkpoint (a different `--lr`, say). `main(argv)` returns the `Learner`, so a notebook or a test can call it too.
 """
-import argparse
+import argparse, json, os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,16 @@ from minifast.hooks import BatchTransformXCallback, DeviceCallback, view_tfm
 from minifast.norms import DEFAULT_NORMS, get_norm_cnn
 
 PRECISIONS = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+FIT_ARGS = ('data', 'norm', 'epochs', 'batch_size', 'lr', 'precision', 'n_train', 'seed')   # what a resume must not change
+
+def args_file(checkpoint: Path) -> Path: return checkpoint.with_name(checkpoint.name + '.args.json')
+
+def changed_args(args: argparse.Namespace) -> list:
+    "The arguments of `FIT_ARGS` that differ from those saved with the checkpoint, as `--name saved, now` strings."
+    path = args_file(args.checkpoint)
+    if not path.is_file(): return []   # a checkpoint written otherwise: `fit` still checks what it can
+    saved = json.loads(path.read_text())
+    return [f"--{k.replace('_', '-')} {saved.get(k)} there, {getattr(args, k)} here" for k in FIT_ARGS if saved.get(k) != getattr(args, k)]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.resume or args.save_every) and args.checkpoint is None: p.error('--resume and --save-every need --checkpoint')
     if args.resume and not args.checkpoint.is_file(): p.error(f'--resume: there is no checkpoint at {args.checkpoint}')
+    changed = changed_args(args) if args.resume else []
+    if changed: p.error(f"--resume: {args.checkpoint} was written by a run with other arguments ({'; '.join(changed)}); give the same ones")
     return args
 
 def make_learner(args: argparse.Namespace, cbs=()) -> Learner:
@@ -60,6 +73,10 @@ def main(argv=None, cbs=()) -> Learner:
     "Train as the command line `argv` says; `cbs`: extra callbacks (a test's, say)."
     args = parse_args(argv)
     learn = make_learner(args, cbs)
+    if args.checkpoint is not None and not args.resume:   # the arguments a resume must repeat, written atomically
+        path, saved = args_file(args.checkpoint), json.dumps({k: getattr(args, k) for k in FIT_ARGS})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix('.tmp').write_text(saved); os.replace(path.with_suffix('.tmp'), path)
     learn.fit(args.epochs, resume_from=args.checkpoint if args.resume else None)
     last = learn.metrics.history[-1]
     print(f"after {last['epoch'] + 1} epoch(s): valid loss {last['valid_loss']:.4f}, valid accuracy {last['valid_accuracy']:.4f}")

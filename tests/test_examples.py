@@ -43,13 +43,24 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
     assert resumed.metrics.history == reference.metrics.history   # every loss and accuracy, exactly
     assert same_state(resumed.model.state_dict(), reference.model.state_dict())
 
-def test_a_resume_that_does_not_fit_changes_nothing(tmp_path):
+def test_a_resume_that_does_not_fit_changes_nothing(tmp_path, capsys):
     ckpt = tmp_path / 'cnn.pt'
     train.main(['--n-train', '512', '--batch-size', '64', '--epochs', '1', '--checkpoint', str(ckpt)])
     before = ckpt.read_bytes()
-    with pytest.raises(CheckpointError, match='cnn.pt'):   # other batches per epoch: refused before anything changes
+    with pytest.raises(SystemExit):   # another batch size, named by the script from the arguments saved beside the checkpoint
+        train.main(['--n-train', '512', '--batch-size', '32', '--epochs', '1', '--checkpoint', str(ckpt), '--resume'])
+    assert '--batch-size 64 there, 32 here' in capsys.readouterr().err
+    train.args_file(ckpt).unlink()   # a checkpoint without them: the Learner's own check refuses the other batches per epoch
+    with pytest.raises(CheckpointError, match='cnn.pt'):
         train.main(['--n-train', '512', '--batch-size', '32', '--epochs', '1', '--checkpoint', str(ckpt), '--resume'])
     assert ckpt.read_bytes() == before
+
+def test_a_resume_with_another_learning_rate_is_refused(tmp_path, capsys):
+    ckpt = tmp_path / 'cnn.pt'
+    train.main(['--n-train', '512', '--batch-size', '64', '--epochs', '1', '--checkpoint', str(ckpt)])
+    with pytest.raises(SystemExit) as exit:   # the Learner cannot tell: the schedule keeps no state
+        train.main(['--n-train', '512', '--batch-size', '64', '--epochs', '1', '--checkpoint', str(ckpt), '--resume', '--lr', '0.1'])
+    assert exit.value.code == 2 and '--lr 0.4 there, 0.1 here' in capsys.readouterr().err
 
 @pytest.mark.parametrize('argv, message', [(['--resume'], '--resume and --save-every need --checkpoint'),
                                            (['--resume', '--checkpoint', 'no/such.pt'], 'there is no checkpoint at no/such.pt'),
