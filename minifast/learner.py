@@ -180,6 +180,7 @@ def _describe(v): return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')
 # %% ../nbs/03_learner.ipynb #a89b6c2d
 @patch
 def _one_batch(self: Learner, xb, yb):
+    "One batch: forward, loss, and in training the step; a cancel skips the rest, `after_batch` runs either way."
     self.xb, self.yb = xb, yb
     try:
         self('before_batch')
@@ -211,6 +212,26 @@ def _refuse_loss(self: Learner):
     raise RuntimeError("Learner: the training loss does not require a gradient, so there is nothing to step on: no parameter "
                        "of the model requires one (all frozen?), or the loss was computed under torch.no_grad()")
 
+
+# %% ../nbs/03_learner.ipynb #nf-step
+@patch
+def _step(self: Learner):
+    "Backward, step and zero-grad, after the non-finite check; in float16 through the loss scaler."
+    on_device = self._nonfinite_flag is not None          # the check on the device (below) is on for this fit
+    if self.nonfinite != 'ignore' and not on_device: self._check_finite()
+    scaler, unscaled, updated = self.grad_scaler, False, False
+    try:
+        (self.loss if scaler is None else scaler.scale(self.loss)).backward()
+        if scaler is not None: scaler.unscale_(self.opt); unscaled = True   # the true gradients, for the callbacks and the step
+        if on_device: self._check_finite_on_device()
+        self('after_backward')
+        if scaler is None: self.opt.step()
+        else: scaler.step(self.opt); scaler.update(); updated = True       # the scaler skips a step whose gradients are inf or NaN
+        self._untouched = None
+        self('after_step')
+    finally:
+        if unscaled and not updated: scaler.update()      # cancelled between unscale_ and the step: end the scaler's step
+        self.opt.zero_grad()
 
 # %% ../nbs/03_learner.ipynb #67b55821
 @patch
@@ -344,7 +365,9 @@ def fit(self: Learner, n_epochs: int, cbs=None, resume_from=None):
                 self('after_epoch')
         except CancelTrainException: self('after_cancel_train'); self._raise_if_nonfinite()
     except BaseException as e:
-        if isinstance(self._untouched, tuple): restore_state(self._untouched)   # no step taken: the buffers as they were
+        if isinstance(self._untouched, tuple):   # no step taken: the buffers as they were
+            try: restore_state(self._untouched)
+            except Exception as failed: e.add_note(f"minifast: the model's buffers could not be put back: {failed!r}")
         self._after_fit(e)
         raise
     else: self._after_fit(None)
@@ -561,6 +584,16 @@ CHECKPOINT_VERSION = 1   # the layout of the checkpoint dict; `read_checkpoint` 
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: unreadable, from a newer minifast, or not fitting the learner."
 
+# %% ../nbs/03_learner.ipynb #ckpt-checksums
+def _check_checksums(path):
+    "Refuse a file whose zip entries do not match their CRC-32s, which `torch.load` does not check: one more read of the file."
+    try:
+        with zipfile.ZipFile(path) as archive: damaged = archive.testzip()
+    except Exception: return   # not a whole archive: `torch.load` says so, in `read_checkpoint`
+    if damaged is not None: raise CheckpointError(f"{path}: the file is damaged: its entry {damaged} does not match the checksum "
+                                                  "written with it (a disk or copy error?); nothing was loaded")
+
+
 # %% ../nbs/03_learner.ipynb #f73eedbf
 def read_checkpoint(path) -> dict:
     "The checkpoint at `path`, on the CPU, read without running code from it; a `CheckpointError` naming the file otherwise."
@@ -568,12 +601,8 @@ def read_checkpoint(path) -> dict:
     size = path.stat().st_size                      # a missing file: FileNotFoundError, which names it
     if size == 0: raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint")
     with open(path, 'rb') as f: magic = f.read(4)
-    if magic != b'PK\x03\x04': raise CheckpointError(f"{path}: not a checkpoint (it does not start like a file written by torch.save)")
-    try:
-        with zipfile.ZipFile(path) as archive: damaged = archive.testzip()   # each entry against its CRC-32, which torch.load skips
-    except Exception: damaged = None   # not a whole archive: torch.load below says so
-    if damaged is not None: raise CheckpointError(f"{path}: the file is damaged: its entry {damaged} does not match the checksum "
-                                                  "written with it (a disk or copy error?); nothing was loaded")
+    if magic != b'PK\x03\x04': raise CheckpointError(f"{path}: not a checkpoint (not a zip archive, as torch.save writes since PyTorch 1.6)")
+    _check_checksums(path)
     try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
@@ -808,51 +837,50 @@ def _to_device(o, device):
     return o
 
 # %% ../nbs/03_learner.ipynb #84ba6c79
-class Learner(Learner):
-    __doc__ = Learner.__doc__   # a class's docstring is not inherited: keep the first cell's
-    def _check_resume(self, path, n_epochs: int, cbs: list) -> dict:
-        "The checkpoint at `path`, once checked that this fit can go on from it; nothing has changed yet."
-        ckpt = read_checkpoint(path)
-        fit = ckpt.get('fit')
-        if fit is None: raise CheckpointError(f"{path}: holds a model and an optimiser but no fit in progress (it was written by "
-                                              "Learner.save; SaveCheckpoint writes checkpoints to resume from). Load it with learn.load.")
-        model_problems, problems = self._mismatches(ckpt)
-        problems = [f"{k}: {why}" for k, why in model_problems.items()] + problems
-        if fit['n_epochs'] != n_epochs:
-            done = fit['epoch'] == fit['n_epochs'] and not fit['batch']   # then train on with `load` and a new fit
-            problems.append(f"the fit was of {fit['n_epochs']} epochs, this one of {n_epochs}"
-                            + (" (that fit is finished: to train on from it, learn.load the file, then fit)" if done else ""))
-        if fit['n_train_batches'] != len(self.dls.train):
-            problems.append(f"{fit['n_train_batches']} training batches per epoch in the checkpoint, {len(self.dls.train)} here")
-        saved, here = set(fit['callbacks']), {cb.name for cb in self.cbs + cbs if has_state(cb)}
-        if saved != here: problems.append(f"callbacks with state: {sorted(saved)} in the checkpoint, {sorted(here)} here")
-        problems += [p for cb in self.cbs + cbs if cb.name in saved for p in cb.state_problems(fit['callbacks'][cb.name])]
-        if problems: raise _mismatch_error(path, problems, 'cannot resume this fit')
-        return ckpt
+@patch
+def _check_resume(self: Learner, path, n_epochs: int, cbs: list) -> dict:
+    "The checkpoint at `path`, once checked that this fit can go on from it; nothing has changed yet."
+    ckpt = read_checkpoint(path)
+    fit = ckpt.get('fit')
+    if fit is None: raise CheckpointError(f"{path}: holds a model and an optimiser but no fit in progress (it was written by "
+                                          "Learner.save; SaveCheckpoint writes checkpoints to resume from). Load it with learn.load.")
+    model_problems, problems = self._mismatches(ckpt)
+    problems = [f"{k}: {why}" for k, why in model_problems.items()] + problems
+    if fit['n_epochs'] != n_epochs:
+        done = fit['epoch'] == fit['n_epochs'] and not fit['batch']   # then train on with `load` and a new fit
+        problems.append(f"the fit was of {fit['n_epochs']} epochs, this one of {n_epochs}"
+                        + (" (that fit is finished: to train on from it, learn.load the file, then fit)" if done else ""))
+    if fit['n_train_batches'] != len(self.dls.train):
+        problems.append(f"{fit['n_train_batches']} training batches per epoch in the checkpoint, {len(self.dls.train)} here")
+    saved, here = set(fit['callbacks']), {cb.name for cb in self.cbs + cbs if has_state(cb)}
+    if saved != here: problems.append(f"callbacks with state: {sorted(saved)} in the checkpoint, {sorted(here)} here")
+    problems += [p for cb in self.cbs + cbs if cb.name in saved for p in cb.state_problems(fit['callbacks'][cb.name])]
+    if problems: raise _mismatch_error(path, problems, 'cannot resume this fit')
+    return ckpt
 
 # %% ../nbs/03_learner.ipynb #ckpt-resume-restore
-class Learner(Learner):
-    __doc__ = Learner.__doc__   # a class's docstring is not inherited: keep the first cell's
-    def _restore(self, ckpt, rng: dict):
-        "Put back every callback's state, the model, the optimiser, the skipped-batch count and the generators (`rng`)."
-        device = next(self.model.parameters(), torch.empty(0)).device   # a model without parameters: the CPU
-        stateful = [cb for cb in self.cbs if has_state(cb)]
-        before = [cb.state_dict() for cb in stateful]
-        try:   # first: a callback that refuses its state (`MixedPrecision` in another dtype) leaves the model as it was...
-            for cb in stateful: cb.load_state_dict(_to_device(ckpt['fit']['callbacks'][cb.name], device))
-        except Exception:
-            for cb, state in zip(stateful, before): cb.load_state_dict(state)   # ... and the callbacks too
-            raise
-        self.model.load_state_dict(ckpt['model']); self.opt.load_state_dict(ckpt['opt'])
-        self.n_skipped_batches = ckpt['fit']['n_skipped_batches']
-        set_rng_states(rng, self.dls)
+@patch
+def _restore(self: Learner, ckpt, rng: dict):
+    "Put back every callback's state, the model, the optimiser, the skipped-batch count and the generators (`rng`)."
+    device = next(self.model.parameters(), torch.empty(0)).device   # a model without parameters: the CPU
+    stateful = [cb for cb in self.cbs if has_state(cb)]
+    before, n_loaded = [cb.state_dict() for cb in stateful], 0
+    try:   # first: a callback whose state fails to load leaves the model as it was...
+        for cb in stateful: cb.load_state_dict(_to_device(ckpt['fit']['callbacks'][cb.name], device)); n_loaded += 1
+    except Exception:
+        for cb, state in zip(stateful[:n_loaded], before): cb.load_state_dict(state)   # ... and the callbacks loaded before it
+        raise
+    self.model.load_state_dict(ckpt['model']); self.opt.load_state_dict(ckpt['opt'])
+    self.n_skipped_batches = ckpt['fit']['n_skipped_batches']
+    set_rng_states(rng, self.dls)
 
-    def _resume_fit(self, ckpt) -> int:
-        "After `before_fit`: restore a checkpoint taken after an epoch, or keep one taken mid-epoch for its epoch; the epoch to start."
-        fit = ckpt['fit']
-        if fit['batch'] == 0: self._restore(ckpt, fit['rng'])
-        else: self._resume_mid_epoch = ckpt
-        return fit['epoch']
+@patch
+def _resume_fit(self: Learner, ckpt) -> int:
+    "After `before_fit`: restore a checkpoint taken after an epoch, or keep one taken mid-epoch for its epoch; the epoch to start."
+    fit = ckpt['fit']
+    if fit['batch'] == 0: self._restore(ckpt, fit['rng'])
+    else: self._resume_mid_epoch = ckpt
+    return fit['epoch']
 
 # %% ../nbs/03_learner.ipynb #66e9406b
 @patch
@@ -960,25 +988,6 @@ class MixedPrecision(Callback):
             self.scaler.load_state_dict(state)
         self.device_type = device_type
         self.learn.grad_scaler = self.scaler
-
-# %% ../nbs/03_learner.ipynb #mp-step
-@patch
-def _step(self: Learner):
-    on_device = self._nonfinite_flag is not None          # the check on the device (below) is on for this fit
-    if self.nonfinite != 'ignore' and not on_device: self._check_finite()
-    scaler, unscaled, updated = self.grad_scaler, False, False
-    try:
-        (self.loss if scaler is None else scaler.scale(self.loss)).backward()
-        if scaler is not None: scaler.unscale_(self.opt); unscaled = True   # the true gradients, for the callbacks and the step
-        if on_device: self._check_finite_on_device()
-        self('after_backward')
-        if scaler is None: self.opt.step()
-        else: scaler.step(self.opt); scaler.update(); updated = True       # the scaler skips a step whose gradients are inf or NaN
-        self._untouched = None
-        self('after_step')
-    finally:
-        if unscaled and not updated: scaler.update()      # cancelled between unscale_ and the step: end the scaler's step
-        self.opt.zero_grad()
 
 # %% ../nbs/03_learner.ipynb #mp-autocast
 @patch
