@@ -52,8 +52,8 @@ def combine_scheds(pcts, scheds):
     "One schedule made of `scheds`, the i-th covering fraction `pcts[i]` of training (fractions sum to 1)."
     pcts, scheds = listify(pcts), listify(scheds)
     if len(pcts) != len(scheds): raise ValueError(f"combine_scheds: {len(pcts)} fractions for {len(scheds)} schedules")
-    if any(p <= 0 for p in pcts): raise ValueError(f"combine_scheds: fractions must be positive, got {pcts}")
-    if abs(sum(pcts) - 1) > 1e-6: raise ValueError(f"combine_scheds: fractions must sum to 1, got {sum(pcts)}")
+    if not all(p > 0 for p in pcts): raise ValueError(f"combine_scheds: fractions must be positive, got {pcts}")   # NaN too
+    if not abs(sum(pcts) - 1) <= 1e-6: raise ValueError(f"combine_scheds: fractions must sum to 1, got {sum(pcts)}")
     bounds = [0.]
     for p in pcts: bounds.append(bounds[-1] + p)
     def combined(pos):
@@ -66,8 +66,16 @@ def combine_scheds(pcts, scheds):
 def _check_param(who: str, groups, name: str):
     "A `KeyError` naming `who` if the optimiser's param `groups` have no hyper-parameter `name`."
     if name not in groups[0]:
-        raise KeyError(f"{who}: the optimiser's param groups have no {name!r}; they have {sorted(k for k in groups[0] if k != 'params')}")
+        adam = " (Adam keeps its momentum in betas: one_cycle(..., moms=None) leaves it alone)" if name == 'momentum' and 'betas' in groups[0] else ''
+        raise KeyError(f"{who}: the optimiser's param groups have no {name!r}; they have {sorted(k for k in groups[0] if k != 'params')}{adam}")
 
+def _refuse_value(value, name: str, pos: float, group: int):
+    "Raise: a schedule gave a value that no optimiser takes, before any step uses it."
+    raise ValueError(f"ParamScheduler: the schedule for {name!r} gave {value} at position {pos:.3f} of the fit (param group {group}); "
+                     "a hyper-parameter must be a finite number ≥ 0, so the step was not taken")
+
+
+# %% ../nbs/04_schedule.ipynb #param-sched-class
 class ParamScheduler(Callback):
     "Sets `param_name` in each optimiser param group from `sched_funcs` (one, or one per group) before each training batch."
     _order = 1
@@ -79,13 +87,19 @@ class ParamScheduler(Callback):
         funcs = self.sched_funcs if isinstance(self.sched_funcs, (list, tuple)) else [self.sched_funcs] * len(groups)
         if len(funcs) != len(groups):
             raise ValueError(f"ParamScheduler: {len(funcs)} schedules for {len(groups)} param groups")
+        current, first = groups[0][self.param_name], funcs[0](0.)
+        if isinstance(current, tuple) and not isinstance(first, tuple):   # Adam's betas, say: a number would break its step
+            raise TypeError(f"ParamScheduler: the optimiser's {self.param_name!r} is a pair, {current}, and the schedule gives {first}")
         self._funcs = funcs
 
     def before_batch(self):
         learn = self.learn
         if not learn.in_train: return
         pos = learn.n_epochs_done / learn.n_epochs
-        for group, f in zip(learn.opt.param_groups, self._funcs): group[self.param_name] = f(pos)   # looked up: loading a checkpoint replaces them
+        for i, (group, f) in enumerate(zip(learn.opt.param_groups, self._funcs)):   # looked up: loading a checkpoint replaces them
+            value = f(pos)
+            if isinstance(value, (int, float)) and not 0 <= value < math.inf: _refuse_value(value, self.param_name, pos, i)   # NaN too
+            group[self.param_name] = value
 
 # %% ../nbs/04_schedule.ipynb #669b6efe
 class Recorder(Callback):
@@ -140,6 +154,9 @@ def one_cycle(lr_max: float, # the peak learning rate
               moms=(0.95, 0.85, 0.95), # momentum at the start, at the peak and at the end; None leaves it alone
               param_name_mom: str = 'momentum'): # the param-group key that holds the momentum
     "`ParamScheduler`s for a one-cycle fit: cosine lr warm-up to `lr_max` then down, momentum the other way."
+    if not (0 < lr_max < math.inf and div_start > 0 and div_end > 0):
+        raise ValueError(f"one_cycle: lr_max, div_start and div_end must be positive and finite, got {lr_max}, {div_start}, {div_end}")
+    if moms is not None and len(moms) != 3: raise ValueError(f"one_cycle: moms is (start, peak, end), three values, got {moms}")
     if not 0 < pct_start < 1: raise ValueError(f"one_cycle: pct_start must be between 0 and 1, both excluded, got {pct_start}")
     lr = combine_scheds([pct_start, 1 - pct_start], [sched_cos(lr_max / div_start, lr_max), sched_cos(lr_max, lr_max / div_end)])
     cbs = [ParamScheduler('lr', lr)]
