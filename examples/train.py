@@ -9,17 +9,18 @@ This is the training of the README's ten lines (`fit_cnn`), on notebook 07's `ge
 run of your own adds: a choice of norm (quote those with parentheses: `--norm 'GroupNorm(4)'`) and of precision
 (`MixedPrecision`, notebook 03), checkpoints replaced atomically (`SaveCheckpoint`), and a resumed fit that ends where the uninterrupted
 one would have, to the bit: the checkpoint holds the model, the optimiser, the position in the schedule, the metrics so far
-and the generators that shuffle the batches. The run's arguments go next to it (`<checkpoint>.args.json`), and `--resume`
-refuses arguments that would train another fit from the same checkpoint (a different `--lr`, say). `main(argv)` returns the `Learner`, so a notebook or a test can call it too.
+and the generators that shuffle the batches. The checkpoint also holds the run's arguments, and `--resume`
+refuses others that would train another fit from it (a different `--lr`, say); without `--resume` or `--overwrite` an
+existing checkpoint is never replaced. `main(argv)` returns the `Learner`, so a notebook or a test can call it too.
 """
-import argparse, json, os
+import argparse
 from pathlib import Path
 
 import torch
 from minifast.foundations import set_seed
 from minifast.data import DataLoaders, load_dataset, normalize_to_train
 from minifast.losses import accuracy, cross_entropy
-from minifast.learner import Learner, MixedPrecision, SaveCheckpoint
+from minifast.learner import Callback, Learner, MixedPrecision, SaveCheckpoint
 from minifast.schedule import one_cycle
 from minifast.hooks import BatchTransformXCallback, DeviceCallback, view_tfm
 from minifast.norms import DEFAULT_NORMS, get_norm_cnn
@@ -27,33 +28,47 @@ from minifast.norms import DEFAULT_NORMS, get_norm_cnn
 PRECISIONS = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 FIT_ARGS = ('data', 'norm', 'epochs', 'batch_size', 'lr', 'precision', 'n_train', 'seed')   # what a resume must not change
 
-def args_file(checkpoint: Path) -> Path: return checkpoint.with_name(checkpoint.name + '.args.json')
+class RunArguments(Callback):
+    "Keeps the run's `FIT_ARGS` in every checkpoint, so that a resume with other ones is refused before anything changes."
+    def __init__(self, args: argparse.Namespace): self.args = {k: getattr(args, k) for k in FIT_ARGS}
+    def state_dict(self) -> dict: return dict(self.args)
+    def load_state_dict(self, state: dict): pass   # nothing to restore: `state_problems` has checked them equal
+    def state_problems(self, state: dict) -> list:
+        return [f"--{k.replace('_', '-')} {state.get(k)} there, {v} here" for k, v in self.args.items() if state.get(k) != v]
 
-def changed_args(args: argparse.Namespace) -> list:
-    "The arguments of `FIT_ARGS` that differ from those saved with the checkpoint, as `--name saved, now` strings."
-    path = args_file(args.checkpoint)
-    if not path.is_file(): return []   # a checkpoint written otherwise: `fit` still checks what it can
-    saved = json.loads(path.read_text())
-    return [f"--{k.replace('_', '-')} {saved.get(k)} there, {getattr(args, k)} here" for k in FIT_ARGS if saved.get(k) != getattr(args, k)]
+def positive(kind):
+    "An argparse type: a `kind` number above zero (and finite)."
+    def parse(text):
+        value = kind(text)
+        if not 0 < value < float('inf'): raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+        return value
+    return parse
+
+def seed(text) -> int:
+    "An argparse type: a seed for `set_seed`, a whole number from 0 to 2**32 - 1."
+    value = int(text)
+    if not 0 <= value < 2**32: raise argparse.ArgumentTypeError(f'must be from 0 to 2**32 - 1, got {text}')
+    return value
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--data', choices=('fashion_mnist', 'mnist'), default='fashion_mnist')
     p.add_argument('--norm', choices=list(DEFAULT_NORMS), default='RunningBatchNorm', help='the norm after each conv')
-    p.add_argument('--epochs', type=int, default=1)
-    p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--lr', type=float, default=0.4, help="the one-cycle schedule's peak learning rate")
+    p.add_argument('--epochs', type=positive(int), default=1)
+    p.add_argument('--batch-size', type=positive(int), default=256)
+    p.add_argument('--lr', type=positive(float), default=0.4, help="the one-cycle schedule's peak learning rate")
     p.add_argument('--precision', choices=list(PRECISIONS), default='float32', help='bfloat16 or float16: mixed precision')
-    p.add_argument('--n-train', type=int, help='use only the first N training images')
-    p.add_argument('--seed', type=int, default=0, help='the initial weights and the order of the batches')
+    p.add_argument('--n-train', type=positive(int), help='use only the first N training images')
+    p.add_argument('--seed', type=seed, default=0, help='the initial weights and the order of the batches')
     p.add_argument('--checkpoint', type=Path, help='save the fit here after every epoch')
-    p.add_argument('--save-every', type=int, help='also save every N training batches (needs --checkpoint)')
+    p.add_argument('--save-every', type=positive(int), help='also save every N training batches (needs --checkpoint)')
     p.add_argument('--resume', action='store_true', help='go on from --checkpoint, with the same other arguments')
+    p.add_argument('--overwrite', action='store_true', help='start afresh, replacing the checkpoint at --checkpoint')
     args = p.parse_args(argv)
     if (args.resume or args.save_every) and args.checkpoint is None: p.error('--resume and --save-every need --checkpoint')
     if args.resume and not args.checkpoint.is_file(): p.error(f'--resume: there is no checkpoint at {args.checkpoint}')
-    changed = changed_args(args) if args.resume else []
-    if changed: p.error(f"--resume: {args.checkpoint} was written by a run with other arguments ({'; '.join(changed)}); give the same ones")
+    if args.checkpoint is not None and args.checkpoint.exists() and not (args.resume or args.overwrite):
+        p.error(f'{args.checkpoint} exists: pass --resume to go on from it, or --overwrite to start again and replace it')
     return args
 
 def make_learner(args: argparse.Namespace, cbs=()) -> Learner:
@@ -66,17 +81,13 @@ def make_learner(args: argparse.Namespace, cbs=()) -> Learner:
     model = get_norm_cnn(DEFAULT_NORMS[args.norm])
     cbs = [DeviceCallback(), BatchTransformXCallback(view_tfm(1, 28, 28)), *one_cycle(args.lr, moms=None), *cbs]
     if PRECISIONS[args.precision] is not None: cbs.append(MixedPrecision(PRECISIONS[args.precision]))
-    if args.checkpoint is not None: cbs.append(SaveCheckpoint(args.checkpoint, every_n_batches=args.save_every))
+    if args.checkpoint is not None: cbs += [RunArguments(args), SaveCheckpoint(args.checkpoint, every_n_batches=args.save_every)]
     return Learner(model, dls, cross_entropy, lr=args.lr, metrics=accuracy, cbs=cbs)
 
 def main(argv=None, cbs=()) -> Learner:
     "Train as the command line `argv` says; `cbs`: extra callbacks (a test's, say)."
     args = parse_args(argv)
     learn = make_learner(args, cbs)
-    if args.checkpoint is not None and not args.resume:   # the arguments a resume must repeat, written atomically
-        path, saved = args_file(args.checkpoint), json.dumps({k: getattr(args, k) for k in FIT_ARGS})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix('.tmp').write_text(saved); os.replace(path.with_suffix('.tmp'), path)
     learn.fit(args.epochs, resume_from=args.checkpoint if args.resume else None)
     last = learn.metrics.history[-1]
     print(f"after {last['epoch'] + 1} epoch(s): valid loss {last['valid_loss']:.4f}, valid accuracy {last['valid_accuracy']:.4f}")

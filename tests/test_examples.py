@@ -43,28 +43,39 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
     assert resumed.metrics.history == reference.metrics.history   # every loss and accuracy, exactly
     assert same_state(resumed.model.state_dict(), reference.model.state_dict())
 
-def test_a_resume_that_does_not_fit_changes_nothing(tmp_path, capsys):
+def test_a_resume_that_does_not_fit_changes_nothing(tmp_path):
     ckpt = tmp_path / 'cnn.pt'
     train.main(['--n-train', '512', '--batch-size', '64', '--epochs', '1', '--checkpoint', str(ckpt)])
     before = ckpt.read_bytes()
-    with pytest.raises(SystemExit):   # another batch size, named by the script from the arguments saved beside the checkpoint
+    with pytest.raises(CheckpointError, match='cnn.pt') as refused:   # another batch size: refused before anything changes
         train.main(['--n-train', '512', '--batch-size', '32', '--epochs', '1', '--checkpoint', str(ckpt), '--resume'])
-    assert '--batch-size 64 there, 32 here' in capsys.readouterr().err
-    train.args_file(ckpt).unlink()   # a checkpoint without them: the Learner's own check refuses the other batches per epoch
-    with pytest.raises(CheckpointError, match='cnn.pt'):
-        train.main(['--n-train', '512', '--batch-size', '32', '--epochs', '1', '--checkpoint', str(ckpt), '--resume'])
+    assert '--batch-size 64 there, 32 here' in str(refused.value)   # the arguments in the checkpoint name it
     assert ckpt.read_bytes() == before
 
-def test_a_resume_with_another_learning_rate_is_refused(tmp_path, capsys):
+def test_a_resume_with_another_learning_rate_is_refused(tmp_path):
     ckpt = tmp_path / 'cnn.pt'
-    train.main(['--n-train', '512', '--batch-size', '64', '--epochs', '1', '--checkpoint', str(ckpt)])
-    with pytest.raises(SystemExit) as exit:   # the Learner cannot tell: the schedule keeps no state
-        train.main(['--n-train', '512', '--batch-size', '64', '--epochs', '1', '--checkpoint', str(ckpt), '--resume', '--lr', '0.1'])
-    assert exit.value.code == 2 and '--lr 0.4 there, 0.1 here' in capsys.readouterr().err
+    argv = ['--n-train', '512', '--batch-size', '64', '--epochs', '1', '--checkpoint', str(ckpt)]
+    train.main(argv)
+    with pytest.raises(CheckpointError, match='--lr 0.4 there, 0.1 here'):   # the Learner alone could not tell: a schedule keeps no state
+        train.main(argv + ['--resume', '--lr', '0.1'])
+
+def test_an_existing_checkpoint_is_not_replaced_by_accident(tmp_path, capsys):
+    ckpt = tmp_path / 'cnn.pt'
+    argv = ['--n-train', '512', '--batch-size', '64', '--epochs', '1', '--checkpoint', str(ckpt)]
+    train.main(argv)
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit): train.main(argv)   # the same command again, without --resume
+    assert 'pass --resume to go on from it, or --overwrite' in capsys.readouterr().err and ckpt.read_bytes() == before
+    train.main(argv + ['--overwrite', '--lr', '0.1'])
+    assert ckpt.read_bytes() != before
 
 @pytest.mark.parametrize('argv, message', [(['--resume'], '--resume and --save-every need --checkpoint'),
                                            (['--resume', '--checkpoint', 'no/such.pt'], 'there is no checkpoint at no/such.pt'),
-                                           (['--norm', 'Dropout'], "invalid choice: 'Dropout'")])
+                                           (['--norm', 'Dropout'], "invalid choice: 'Dropout'"),
+                                           (['--epochs', '0'], 'must be a positive number, got 0'),
+                                           (['--n-train', '-5'], 'must be a positive number, got -5'),
+                                           (['--lr', 'nan'], 'must be a positive number, got nan'),
+                                           (['--seed', '-1'], 'must be from 0 to 2**32 - 1, got -1')])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit: train.parse_args(argv)
     assert exit.value.code == 2 and message in capsys.readouterr().err
