@@ -11,7 +11,7 @@ __all__ = ['LRFinder', 'suggest_lr', 'LRFindResult', 'lr_find', 'EarlyStoppingCa
 import copy, math
 import matplotlib.pyplot as plt
 from fastcore.basics import patch
-from .learner import Callback, CancelTrainException, MetricsCallback, MixedPrecision, SaveCheckpoint
+from .learner import Callback, CancelTrainException, MetricsCallback, MixedPrecision, SaveCheckpoint, restore_state, snapshot_state
 from .schedule import ParamScheduler, Recorder
 
 # %% ../nbs/05_lr_finder.ipynb #17e448ea
@@ -23,6 +23,8 @@ class LRFinder(Callback):
                  max_iter: int = 100, # the most batches
                  stop_factor: float = 10.): # stop once the loss passes this many times its best
         if not 0 < min_lr < max_lr: raise ValueError(f"LRFinder needs 0 < min_lr < max_lr, got {min_lr} and {max_lr}")
+        if not (isinstance(max_iter, int) and max_iter >= 1): raise ValueError(f"LRFinder: max_iter must be a whole number ≥ 1, got {max_iter!r}")
+        if not stop_factor >= 1: raise ValueError(f"LRFinder: stop_factor must be at least 1 (a multiple of the best loss), got {stop_factor}")
         self.min_lr, self.max_lr, self.max_iter, self.stop_factor = min_lr, max_lr, max_iter, stop_factor
 
     def before_fit(self):
@@ -102,7 +104,9 @@ def lr_find(learn, # the `Learner` to explore; left as it was, but for the rando
     "Run an `LRFinder` on `learn`, then restore its model, its optimiser and its loss scale exactly as they were."
     model_state = copy.deepcopy(learn.model.state_dict())
     opt_state = copy.deepcopy(learn.opt.state_dict())
+    buffers = snapshot_state(learn.model)   # all buffers, those a state dict leaves out too, and modules' extra state
     scales = [(cb, cb.state_dict()) for cb in learn.cbs if isinstance(cb, MixedPrecision)]   # float16's loss scale
+    cbs_before = list(learn.cbs)
     was_training = learn.model.training
     finder = LRFinder(min_lr, max_lr, max_iter, stop_factor)
     n_epochs = math.ceil(max_iter / len(learn.dls.train))
@@ -112,10 +116,11 @@ def lr_find(learn, # the `Learner` to explore; left as it was, but for the rando
         learn.fit(n_epochs, cbs=finder)
     finally:
         learn.model.load_state_dict(model_state)
+        restore_state(buffers)
         learn.opt.load_state_dict(opt_state)
         for cb, state in scales: cb.load_state_dict(state)
         learn.model.train(was_training)
-        learn.add_cbs(hidden)
+        learn.remove_cbs(list(learn.cbs)); learn.add_cbs(cbs_before)   # in their old order, which breaks ties in `_order`
     return LRFindResult(finder.lrs[:len(finder.losses)], finder.losses, finder.stopped_early)
 
 # %% ../nbs/05_lr_finder.ipynb #44991d35
