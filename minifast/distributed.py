@@ -45,7 +45,8 @@ class ShardedLoader:
         smallest = min(min(dl.batch_size, len(dl.x) - i * dl.batch_size) for i in range(len(dl)))
         if smallest < world_size:
             raise ValueError(f"ShardedLoader: a global batch of {smallest} items cannot give each of {world_size} ranks "
-                             f"an item ({len(dl.x)} items in batches of {dl.batch_size}); change the batch size or use drop_last")
+                             f"an item ({len(dl.x)} items in batches of {dl.batch_size}); change the batch size, or leave the short last batch out "
+                             "(DataLoader(..., drop_last=True))")
 
     def __len__(self): return len(self.dl)
 
@@ -102,8 +103,10 @@ class DistributedCallback(Callback):
     _order = -20   # first: the other callbacks see this rank's slice and the wrapped model
     def __init__(self, seed: int = 0, # the shuffled order of epoch `e` comes from `epoch_order(n, seed, e)`, on every rank
                  backend: str = None, # default: `default_backend()`
-                 timeout: float = 300.): # seconds a collective waits for the other ranks before failing
+                 timeout: float = 300., # seconds a collective waits for the other ranks before failing
+                 ddp_kwargs: dict = None): # passed on to `DistributedDataParallel`, such as `find_unused_parameters=True`
         self.seed, self.backend, self.timeout, self.created_group = seed, backend, timeout, False
+        self.ddp_kwargs = dict(ddp_kwargs or {})
         self.epochs_before = 0   # epochs this callback's earlier fits ran: the next fit's orders go on from there
 
     def _join(self):
@@ -149,7 +152,7 @@ def before_fit(self: DistributedCallback):
         for cb in learn.cbs:
             if isinstance(cb, MetricsCallback): self.printers[cb], cb.printer = cb.printer, None
     learn.model.to(self.device)
-    learn.model = DistributedDataParallel(learn.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+    learn.model = DistributedDataParallel(learn.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None, **self.ddp_kwargs)
     learn.world_size = self.world_size   # `GradientStats` (notebook 08) divides the gradients it records by it
 
 
