@@ -27,24 +27,35 @@ from .hooks import BatchTransformXCallback, DeviceCallback, get_cnn_model, init_
 
 # %% ../nbs/07_batchnorm.ipynb #988f64bc
 def _check_input(layer, x, n_channels=None):
-    "Raise a clear error unless `x` is 4D with `n_channels` channels."
+    "Raise a clear error unless `x` is a 4D floating-point tensor with `n_channels` channels."
     name = type(layer).__name__
+    if not x.is_floating_point(): raise TypeError(f"{name} expects a floating-point input, got {x.dtype} (shape {tuple(x.shape)})")
     if x.dim() != 4:
         raise ValueError(f"{name} expects a 4D input (batch, channels, height, width), got shape {tuple(x.shape)}")
     if n_channels is not None and x.shape[1] != n_channels:
         raise ValueError(f"{name} was built for {n_channels} channels but got an input with {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
 
+def _check_args(name: str, n_channels, eps: float, mom: float = None):
+    "Raise a clear error for a channel count that is not a positive whole number, a negative `eps`, or a `mom` outside (0, 1]."
+    if n_channels is not None and not (isinstance(n_channels, int) and n_channels >= 1):
+        raise ValueError(f"{name}: n_channels must be a whole number ≥ 1, got {n_channels!r}")
+    if not eps >= 0: raise ValueError(f"{name}: eps must be ≥ 0, got {eps}")
+    if mom is not None and not 0 < mom <= 1: raise ValueError(f"{name}: mom must be in (0, 1], got {mom}")
+
 # %% ../nbs/07_batchnorm.ipynb #stats-dtype
-def _stats_dtype(x) -> torch.dtype:
-    "The dtype a norm's statistics are computed in for input `x`: float64 for float64, float32 for the rest."
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _stats_dtype(x, layer=None) -> torch.dtype:
+    "The dtype a norm's statistics are computed in for input `x`: float64 for float64, float32 for the other floats."
+    if x.dtype == torch.float64: return torch.float64
+    if not x.is_floating_point(): _check_input(layer, x)   # an integer input: its error
+    return torch.float32
 
 # %% ../nbs/07_batchnorm.ipynb #bfbec034
 class BatchNorm(nn.Module):
     "Batch normalisation over (batch, height, width) per channel; equal to `nn.BatchNorm2d`."
     def __init__(self, n_channels: int, mom: float = 0.1, eps: float = 1e-5):
         super().__init__()
+        _check_args('BatchNorm', n_channels, eps, mom)
         self.n_channels, self.mom, self.eps = n_channels, mom, eps
         self.mults = nn.Parameter(torch.ones(n_channels, 1, 1))
         self.adds = nn.Parameter(torch.zeros(n_channels, 1, 1))
@@ -66,6 +77,9 @@ GENERAL_RELU = dict(leak=0.1, sub=0.4, maxv=6)
 
 def get_norm_cnn(norm=None, nfs=NFS, n_classes: int = 10) -> nn.Module:
     "The lesson's CNN with `norm` after each convolution, `GeneralRelu` and Kaiming init."
+    if norm is not None and (isinstance(norm, nn.Module) or not callable(norm)):
+        raise TypeError(f"get_norm_cnn: norm makes a layer from a channel count (a class such as BatchNorm, or "
+                        f"partial(GroupNorm, 4)), not {norm!r}")
     return init_cnn(get_cnn_model(n_classes, nfs, norm=norm, **GENERAL_RELU), leak=GENERAL_RELU['leak'])
 
 # %% ../nbs/07_batchnorm.ipynb #fit-cnn
@@ -85,6 +99,7 @@ class LayerNorm(nn.Module):
     "Normalises each item over (channels, height, width); equal to `F.layer_norm` over those dims, times `mult` plus `add`."
     def __init__(self, n_channels: int = None, eps: float = 1e-5):
         super().__init__()
+        _check_args('LayerNorm', n_channels, eps)
         self.n_channels, self.eps = n_channels, eps
         self.mult = nn.Parameter(torch.tensor(1.))
         self.add = nn.Parameter(torch.tensor(0.))
@@ -102,6 +117,7 @@ class InstanceNorm(nn.Module):
     "Normalises each channel of each item over (height, width); equal to `F.instance_norm` with `mults`/`adds`."
     def __init__(self, n_channels: int, eps: float = 1e-5):
         super().__init__()
+        _check_args('InstanceNorm', n_channels, eps)
         self.n_channels, self.eps = n_channels, eps
         self.mults = nn.Parameter(torch.ones(n_channels, 1, 1))
         self.adds = nn.Parameter(torch.zeros(n_channels, 1, 1))
@@ -118,6 +134,7 @@ class GroupNorm(nn.Module):
     "Normalises each group of `n_channels // n_groups` channels of each item; equal to `nn.GroupNorm`."
     def __init__(self, n_groups: int, n_channels: int, eps: float = 1e-5):
         super().__init__()
+        _check_args('GroupNorm', n_channels, eps)
         if n_groups < 1 or n_channels % n_groups:
             raise ValueError(f"GroupNorm: {n_channels} channels cannot be split into {n_groups} equal groups")
         self.n_groups, self.n_channels, self.eps = n_groups, n_channels, eps
@@ -164,6 +181,7 @@ class RunningBatchNorm(nn.Module):
                  warmup_var: float = 0.01, # ... to at least this
                  compiled: bool = False): # train through `torch.compile` (see `compiled_running_step`): for large batches
         super().__init__()
+        _check_args('RunningBatchNorm', n_channels, eps, mom)
         self.n_channels, self.mom, self.eps, self.compiled = n_channels, mom, eps, compiled
         self.warmup_items, self.warmup_var = warmup_items, warmup_var
         self.mults = nn.Parameter(torch.ones(n_channels, 1, 1))
@@ -371,7 +389,7 @@ def _tensors(norm: nn.Module) -> tuple:
 def forward(self: RunningBatchNorm, x):
     if x.dim() != 4 or x.shape[1] != self.n_channels: _check_input(self, x, self.n_channels)
     if not self.training:
-        return torch.batch_norm(x, *self.eval_inputs(_stats_dtype(x)), False, 0., self.eps, torch.backends.cudnn.enabled)
+        return torch.batch_norm(x, *self.eval_inputs(_stats_dtype(x, self)), False, 0., self.eps, torch.backends.cudnn.enabled)
     if x.numel() == 0: raise ValueError(f"RunningBatchNorm: an empty training batch (shape {tuple(x.shape)}) has no statistics to fold in")
     counters = self.count, self.n_batches, self.n_items
     share, min_var = self.count_batch(x.shape[0], x.numel() / self.n_channels), self.min_var
@@ -381,7 +399,7 @@ def forward(self: RunningBatchNorm, x):
         else: step = RunningBatchNormStep.apply
         mults, adds, running = _tensors(self)
         if x.dtype == mults.dtype == torch.float32: return step(x, mults, adds, running, share, min_var, self.eps)
-        dtype = _stats_dtype(x)
+        dtype = _stats_dtype(x, self)
         return step(x.to(dtype), mults.to(dtype), adds.to(dtype), running, share, min_var, self.eps).to(x.dtype)
     except BaseException:   # a step that failed counts no batch (each step writes `running` last)
         vars(self).update(zip(('count', 'n_batches', 'n_items'), counters))
