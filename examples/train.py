@@ -53,7 +53,7 @@ def seed(text) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--data', choices=('fashion_mnist', 'mnist'), default='fashion_mnist')
-    p.add_argument('--norm', choices=list(DEFAULT_NORMS), default='RunningBatchNorm', help='the norm after each conv')
+    p.add_argument('--norm', choices=list(DEFAULT_NORMS), default='RunningBatchNorm', help='the norm after each conv (InstanceNorm stays at chance here: the last conv\'s maps are 1×1, see notebook 07)')
     p.add_argument('--epochs', type=positive(int), default=1)
     p.add_argument('--batch-size', type=positive(int), default=256)
     p.add_argument('--lr', type=positive(float), default=0.4, help="the one-cycle schedule's peak learning rate")

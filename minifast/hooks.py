@@ -159,7 +159,7 @@ def _check_every(name, every):
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #3a5fcd48
 class ActivationStats(Callback):
-    "Records each hooked layer's mean, std, `bins`-bin histogram, near-zero share and out-of-range shares per training batch, on device."
+    "Records each hooked layer's mean, std, `bins`-bin histogram, near-zero share and out-of-range shares per training batch, on device; each fit starts a new record."
     _order = 15
     runs_in_lr_find = False   # notebook 05's lr_find leaves it out: it would record the finder's run
     def __init__(self, modules=None, # layers to watch; default: every `GeneralRelu` of the model
@@ -167,6 +167,8 @@ class ActivationStats(Callback):
                  every: int = 1, # record every `every`-th training batch
                  hist_sample: int | None = 4096): # histogram at most this many activations per layer and batch, spread evenly; None: all
         low, high = hist_range
+        if not (isinstance(bins, int) and bins >= 1 and low < high):
+            raise ValueError(f"ActivationStats: need a whole number of bins ≥ 1 and low < high, got bins={bins}, hist_range={hist_range}")
         width = (high - low) / bins
         lo_edge, hi_edge = (-near_zero - low) / width, (near_zero - low) / width
         if max(abs(lo_edge - round(lo_edge)), abs(hi_edge - round(hi_edge))) > 1e-6 or lo_edge < 0 or hi_edge > bins:

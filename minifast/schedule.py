@@ -153,7 +153,7 @@ def one_cycle(lr_max: float, # the peak learning rate
               div_end: float = 1e3, # end at `lr_max / div_end`
               moms=(0.95, 0.85, 0.95), # momentum at the start, at the peak and at the end; None leaves it alone
               param_name_mom: str = 'momentum'): # the param-group key that holds the momentum
-    "`ParamScheduler`s for a one-cycle fit: cosine lr warm-up to `lr_max` then down, momentum the other way."
+    "`ParamScheduler`s for a one-cycle fit: cosine lr warm-up to `lr_max`, then down towards `lr_max / div_end` (reached just after the last batch); momentum the other way."
     if not (0 < lr_max < math.inf and div_start > 0 and div_end > 0):
         raise ValueError(f"one_cycle: lr_max, div_start and div_end must be positive and finite, got {lr_max}, {div_start}, {div_end}")
     if moms is not None and len(moms) != 3: raise ValueError(f"one_cycle: moms is (start, peak, end), three values, got {moms}")
