@@ -42,6 +42,7 @@ def positive(kind):
         value = kind(text)
         if not 0 < value < float('inf'): raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
         return value
+    parse.__name__ = kind.__name__   # argparse names it in its errors: "invalid int value"
     return parse
 
 def seed(text) -> int:
@@ -62,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--seed', type=seed, default=0, help='the initial weights and the order of the batches')
     p.add_argument('--checkpoint', type=Path, help='save the fit here after every epoch')
     p.add_argument('--save-every', type=positive(int), help='also save every N training batches (needs --checkpoint)')
-    p.add_argument('--resume', action='store_true', help='go on from --checkpoint, with the same other arguments')
-    p.add_argument('--overwrite', action='store_true', help='start afresh, replacing the checkpoint at --checkpoint')
+    again = p.add_mutually_exclusive_group()
+    again.add_argument('--resume', action='store_true', help='go on from --checkpoint, with the same other arguments')
+    again.add_argument('--overwrite', action='store_true', help='start afresh, replacing the checkpoint at --checkpoint')
     args = p.parse_args(argv)
     if (args.resume or args.save_every) and args.checkpoint is None: p.error('--resume and --save-every need --checkpoint')
     if args.resume and not args.checkpoint.is_file(): p.error(f'--resume: there is no checkpoint at {args.checkpoint}')

@@ -10,7 +10,7 @@ __all__ = ['shard_bounds', 'epoch_order', 'ShardedLoader', 'unwrap', 'is_distrib
            'sync_norms']
 
 # %% ../nbs/09_distributed.ipynb #d003
-import atexit, contextlib, datetime, gc, os, sys, warnings
+import atexit, contextlib, datetime, gc, inspect, os, sys, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -97,6 +97,16 @@ def default_backend() -> str:
     ranks_here = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     return 'nccl' if torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here else 'gloo'
 
+# %% ../nbs/09_distributed.ipynb #ddp-options
+def _ddp_options(kwargs: dict = None) -> dict:
+    "`kwargs` for `DistributedDataParallel`, once checked to be its options, less the three the callback sets itself."
+    options = set(inspect.signature(DistributedDataParallel).parameters) - {'module', 'device_ids', 'output_device'}
+    unknown = sorted(set(kwargs or {}) - options)
+    if unknown: raise ValueError(f"DistributedCallback: ddp_kwargs {unknown} are not options of DistributedDataParallel that the "
+                                 "callback leaves to you (it sets module, device_ids and output_device itself)")
+    return dict(kwargs or {})
+
+
 # %% ../nbs/09_distributed.ipynb #a33a9ad3
 class DistributedCallback(Callback):
     "Makes a fit data-parallel under `torchrun`: joins the group, shards every global batch, wraps the model in DDP."
@@ -106,7 +116,7 @@ class DistributedCallback(Callback):
                  timeout: float = 300., # seconds a collective waits for the other ranks before failing
                  ddp_kwargs: dict = None): # passed on to `DistributedDataParallel`, such as `find_unused_parameters=True`
         self.seed, self.backend, self.timeout, self.created_group = seed, backend, timeout, False
-        self.ddp_kwargs = dict(ddp_kwargs or {})
+        self.ddp_kwargs = _ddp_options(ddp_kwargs)
         self.epochs_before = 0   # epochs this callback's earlier fits ran: the next fit's orders go on from there
 
     def _join(self):

@@ -172,7 +172,7 @@ def restore_state(snapshot: tuple): # what `snapshot_state` returned
 Learner._resume_mid_epoch = None   # a checkpoint taken mid-epoch, until its epoch starts (see "Resuming a fit")
 Learner.grad_scaler = None         # a `torch.amp.GradScaler` while `MixedPrecision(torch.float16)` trains (end of this notebook)
 Learner.world_size = 1            # the processes training the model together: more while `DistributedCallback` (notebook 09) trains
-Learner._untouched = None         # in a fit: True until its first training batch, then the model's state before it, until a step
+Learner._untouched = None         # in a fit: True until its first training batch, then the model's state before it, during that batch
 
 def _describe(v): return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor) else type(v).__name__
 
@@ -201,6 +201,7 @@ def _one_batch(self: Learner, xb, yb):
         if self.in_train: self._step()
     except CancelBatchException: self('after_cancel_batch')
     self('after_batch')
+    self._untouched = None   # past the fit's first batch: a later failure leaves the model as training made it
 
 
 # %% ../nbs/03_learner.ipynb #refuse-loss
@@ -252,6 +253,7 @@ def _check_loaders(dls):
         raise TypeError(f"Learner: dls must have a .train and a .valid loader (minifast's DataLoaders), not be a {type(dls).__name__}; "
                         "wrap a pair of loaders as DataLoaders(train_dl, valid_dl)")
     for name, dl in (('training', dls.train), ('validation', dls.valid)):
+        if dl is None: raise TypeError(f"Learner: the {name} loader is None")
         try: len(dl)
         except TypeError: raise TypeError(f"Learner: the {name} loader ({type(dl).__name__}) has no length, which the progress "
                                           "counters and the schedules need (an IterableDataset needs a __len__)") from None
@@ -784,6 +786,17 @@ def load_state_dict(self: MetricsCallback, state: dict):
     self.history, self._sums, self._count = copy.deepcopy(state['history']), state['sums'], state['count']
     self._held, self._held_bytes = [], 0
 
+# %% ../nbs/03_learner.ipynb #ckpt-writable
+def _check_writable(path: Path):
+    "Refuse, before training, a checkpoint path that names a folder, or a place where this process cannot write a file."
+    if path.is_dir(): raise IsADirectoryError(f"SaveCheckpoint: {path} is a folder; name the file, say {path / 'fit.pth'}")
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0: return   # rank 0 writes (notebook 09)
+    path.parent.mkdir(parents=True, exist_ok=True)   # as `save` does
+    fd, probe = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.probe', dir=path.parent)   # may we write there?
+    os.close(fd); os.remove(probe)
+
+
 # %% ../nbs/03_learner.ipynb #ckpt-savecb
 class SaveCheckpoint(Callback):
     "Saves to `path` all a fit needs to go on with `fit(n_epochs, resume_from=path)`: after each epoch and/or every N batches."
@@ -798,10 +811,7 @@ class SaveCheckpoint(Callback):
 
     def before_fit(self):
         "Refuse, before training, a path that cannot be written and two callbacks with state under one name."
-        if self.path.is_dir(): raise IsADirectoryError(f"SaveCheckpoint: {self.path} is a folder; name the file, say {self.path / 'fit.pth'}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)   # as `save` does
-        fd, probe = tempfile.mkstemp(prefix=f'.{self.path.name}.', suffix='.probe', dir=self.path.parent)   # may we write there?
-        os.close(fd); os.remove(probe)
+        _check_writable(self.path)
         names = [cb.name for cb in self.learn.cbs if has_state(cb)]
         if len(set(names)) < len(names): raise ValueError(f"SaveCheckpoint: two callbacks with state share a name, so a checkpoint "
                                                           f"could not tell them apart: {sorted(names)}; give one another `name`")
@@ -867,8 +877,10 @@ def _restore(self: Learner, ckpt, rng: dict):
     before, n_loaded = [cb.state_dict() for cb in stateful], 0
     try:   # first: a callback whose state fails to load leaves the model as it was...
         for cb in stateful: cb.load_state_dict(_to_device(ckpt['fit']['callbacks'][cb.name], device)); n_loaded += 1
-    except Exception:
-        for cb, state in zip(stateful[:n_loaded], before): cb.load_state_dict(state)   # ... and the callbacks loaded before it
+    except Exception as e:
+        for cb, state in zip(stateful[:n_loaded + 1], before):   # ... and the callbacks loaded so far, the failing one too
+            try: cb.load_state_dict(state)
+            except Exception as again: e.add_note(f"minifast: {type(cb).__name__}'s state could not be put back either: {again!r}")
         raise
     self.model.load_state_dict(ckpt['model']); self.opt.load_state_dict(ckpt['opt'])
     self.n_skipped_batches = ckpt['fit']['n_skipped_batches']

@@ -37,11 +37,12 @@ def _check_input(layer, x, n_channels=None):
                          f"(shape {tuple(x.shape)})")
 
 def _check_args(name: str, n_channels, eps: float, mom: float = None):
-    "Raise a clear error for a channel count that is not a positive whole number, a negative `eps`, or a `mom` outside (0, 1]."
-    if n_channels is not None and not (isinstance(n_channels, int) and n_channels >= 1):
+    "Raise a clear error for a channel count that is not a positive whole number, a negative `eps`, or a `mom` outside [0, 1]."
+    whole = hasattr(n_channels, '__index__')   # int, or a NumPy integer, as `nn.BatchNorm2d` takes
+    if n_channels is not None and not (whole and n_channels >= 1):
         raise ValueError(f"{name}: n_channels must be a whole number ≥ 1, got {n_channels!r}")
     if not eps >= 0: raise ValueError(f"{name}: eps must be ≥ 0, got {eps}")
-    if mom is not None and not 0 < mom <= 1: raise ValueError(f"{name}: mom must be in (0, 1], got {mom}")
+    if mom is not None and not 0 <= mom <= 1: raise ValueError(f"{name}: mom must be in [0, 1], got {mom}")
 
 # %% ../nbs/07_batchnorm.ipynb #stats-dtype
 def _stats_dtype(x, layer=None) -> torch.dtype:

@@ -75,7 +75,9 @@ def test_an_existing_checkpoint_is_not_replaced_by_accident(tmp_path, capsys):
                                            (['--epochs', '0'], 'must be a positive number, got 0'),
                                            (['--n-train', '-5'], 'must be a positive number, got -5'),
                                            (['--lr', 'nan'], 'must be a positive number, got nan'),
-                                           (['--seed', '-1'], 'must be from 0 to 2**32 - 1, got -1')])
+                                           (['--seed', '-1'], 'must be from 0 to 2**32 - 1, got -1'),
+                                           (['--epochs', 'x'], "invalid int value: 'x'"),
+                                           (['--resume', '--overwrite'], 'not allowed with argument')])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit: train.parse_args(argv)
     assert exit.value.code == 2 and message in capsys.readouterr().err
