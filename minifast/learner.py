@@ -336,7 +336,10 @@ def _raise_if_nonfinite(self: Learner, wait: bool = True): # False: only look at
 # %% ../nbs/03_learner.ipynb #47d791a0
 @patch
 def _after_fit(self: Learner, error):
-    "Run every callback's `after_fit`, even if some fail; never hide `error`, the fit's own exception."
+    "Put back the buffers if the fit failed in its first batch; run every callback's `after_fit`, even if some fail; never hide `error`."
+    if error is not None and isinstance(self._untouched, tuple):   # failed in its first batch: the buffers as they were
+        try: restore_state(self._untouched)
+        except Exception as failed: error.add_note(f"minifast: the model's buffers could not be put back: {failed!r}")
     failures = []
     for cb, method in self._dispatch['after_fit']:
         try: method()
@@ -367,9 +370,6 @@ def fit(self: Learner, n_epochs: int, cbs=None, resume_from=None):
                 self('after_epoch')
         except CancelTrainException: self('after_cancel_train'); self._raise_if_nonfinite()
     except BaseException as e:
-        if isinstance(self._untouched, tuple):   # no step taken: the buffers as they were
-            try: restore_state(self._untouched)
-            except Exception as failed: e.add_note(f"minifast: the model's buffers could not be put back: {failed!r}")
         self._after_fit(e)
         raise
     else: self._after_fit(None)
