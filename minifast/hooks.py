@@ -121,7 +121,7 @@ class Hook:
 
 # %% ../nbs/06_cuda_cnn_hooks_init.ipynb #e795d856
 class Hooks:
-    "One `Hook` per module in `modules`; a context manager that removes them all on exit."
+    "One `Hook` per module in `modules` (a `Sequential` gives its layers: pass `[block]` to hook it whole); a context manager that removes them all on exit."
     hooks = ()   # until built: a failed construction has no hooks to remove (the ones made are removed as they go)
     def __init__(self, modules, func): self.hooks = [Hook(m, func) for m in listify(modules)]
     def __getitem__(self, i): return self.hooks[i]
